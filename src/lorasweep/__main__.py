@@ -1,0 +1,5 @@
+import sys
+
+from lorasweep.cli import main
+
+sys.exit(main())

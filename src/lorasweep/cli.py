@@ -1,0 +1,340 @@
+"""Command line: one function per subcommand, each a thin call into the public API.
+
+A user error prints one line per problem (``lorasweep: error: ...``) and exits 2; ``--debug``
+shows the traceback instead. Heavy imports (torch, transformers) happen only in the commands
+that train or build models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """Printed as one line per problem, exit code 2."""
+
+
+def _demo_spec_path() -> Path:
+    return Path(str(resources.files("lorasweep") / "specs" / "demo.yaml"))
+
+
+# ------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lorasweep.sweep import run_sweep
+
+    retry = tuple(x for x in (args.retry or "").split(",") if x)
+    outcome = run_sweep(
+        args.spec,
+        args.out,
+        backend=args.backend,
+        jobs=args.jobs,
+        retry=retry,
+        address=getattr(args, "address", None),
+        quiet=args.quiet,
+    )
+    _print_outcome(outcome)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.spec = str(_demo_spec_path())
+    return cmd_run(args)
+
+
+def _print_outcome(outcome: Any) -> None:
+    from lorasweep.stats import analyze, format_analysis
+    from lorasweep.store import open_store
+
+    st = ", ".join(f"{n} {s}" for s, n in sorted(outcome.statuses.items()))
+    print(
+        f"\n{outcome.planned} trials planned: ran {outcome.ran} now, "
+        f"{outcome.skipped} already recorded ({st}). Results in {outcome.out_dir}"
+    )
+    with open_store(outcome.out_dir) as store:
+        df = store.trials_frame()
+    try:
+        print(format_analysis(analyze(df)))
+    except ValueError as e:
+        print(f"(no analysis: {e})")
+    if outcome.report:
+        print(f"Report: {outcome.report}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from lorasweep.store import open_store
+
+    with open_store(args.dir) as store:
+        trials = store.trials()
+    rows = [
+        {
+            "id": t["id"],
+            "status": t["status"],
+            "seed": t["seed"],
+            "rank": t["rank"],
+            "variant": t["variant"],
+            "metrics": t["metrics"],
+            "error": t["error"],
+        }
+        for t in trials
+    ]
+    if args.json:
+        print(json.dumps({"trials": rows}, indent=2))
+        return 0
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print(f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    print(f"{'id':12}  {'status':9} {'variant':12} {'rank':>5} {'seed':>4}  metric")
+    for r in rows:
+        m = r["metrics"]
+        shown = " ".join(
+            f"{k}={m[k]:.4g}" for k in ("accuracy", "f1", "perplexity") if m.get(k) is not None
+        )
+        if r["error"]:
+            shown += " " + r["error"].splitlines()[-1][:80]
+        rank = "-" if r["rank"] is None else r["rank"]
+        print(f"{r['id']:12}  {r['status']:9} {r['variant']:12} {rank:>5} {r['seed']:>4}  {shown}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lorasweep.report import export_trials
+    from lorasweep.store import open_store
+
+    with open_store(args.dir) as store:
+        df = store.trials_frame()
+    if args.output:
+        export_trials(df, Path(args.output), fmt=args.format)
+        print(f"wrote {len(df)} trials to {args.output}")
+    elif args.format == "csv":
+        sys.stdout.write(df.to_csv(index=False))
+    else:
+        sys.stdout.write(df.to_json(orient="records", indent=2) + "\n")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from lorasweep.stats import analyze, format_analysis, load_trials_table
+
+    src = Path(args.source)
+    if src.is_dir():
+        from lorasweep.store import open_store
+
+        with open_store(src) as store:
+            df = store.trials_frame()
+    elif src.exists():
+        df = load_trials_table(src)
+    else:
+        raise UserError(f"SOURCE: not a run folder or a CSV/JSON file: {args.source}")
+    by = [c for c in args.by.split(",") if c] if args.by else None
+    result = analyze(
+        df,
+        metric=args.metric,
+        direction=args.direction,
+        by=by,
+        cost=args.cost,
+        tolerance=args.tolerance,
+        memory_budget_gb=args.memory_budget,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_analysis(result))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lorasweep.sweep import write_run_report
+
+    path = write_run_report(args.dir)
+    if path is None:
+        raise UserError(f"DIR: no trials recorded in {args.dir}")
+    print(f"Report: {path}")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from lorasweep.estimate import estimate, plot_estimate
+
+    ranks = [int(x) for x in args.ranks.split(",") if x]
+    targets: Any = args.targets
+    if targets and targets not in ("attention", "mlp", "all-linear", "default"):
+        targets = [t for t in targets.split(",") if t]
+    result = estimate(
+        args.model,
+        ranks=ranks,
+        targets=targets or "default",
+        variant=args.variant,
+        batch=args.batch,
+        seq=args.seq,
+        dtype=args.dtype,
+        optimizer=args.optimizer,
+        gradient_checkpointing=args.gradient_checkpointing,
+        task=args.task,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
+    if args.plot:
+        plot_estimate(result, args.plot)
+        if not args.json:
+            print(f"Plot: {args.plot}")
+    return 0
+
+
+def cmd_spectrum(args: argparse.Namespace) -> int:
+    from lorasweep import spectrum
+
+    spec = spectrum.adapter_spectrum(args.adapter)
+    out = {**spec, **spectrum.suggest(spec, energy=args.energy)}
+    if args.other:
+        out["similarity"] = spectrum.subspace_similarity(args.adapter, args.other)
+    if args.plot:
+        spectrum.plot_spectra([spec], args.plot)
+    if args.json:
+        print(json.dumps(out, indent=2, default=float))
+    else:
+        print(spectrum.format_spectrum(out))
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from lorasweep.starter import starter_spec
+
+    text = starter_spec(args.model, args.task)
+    if args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    path = Path(args.output)
+    if path.exists() and not args.force:
+        raise UserError(f"--output: {path} exists (use --force to overwrite)")
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# parser
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=["inprocess", "local", "ray"],
+        default="local",
+        help="where trials run (default: local, a fresh process per trial)",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="trials at once (one GPU each)")
+    p.add_argument("--retry", default="", help="re-run trials with these statuses: failed,oom")
+    p.add_argument("--address", default=None, help="Ray cluster address (auto or HOST:PORT)")
+    p.add_argument("--quiet", action="store_true", help="no live progress display")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorasweep", description="Which LoRA configuration should I use? Evidence."
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("run", help="run or resume a sweep from a YAML spec")
+    s.add_argument("spec")
+    s.add_argument("--out", required=True, help="run folder (store, report, adapters)")
+    _run_args(s)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", help="MiniLM + Rotten Tomatoes, 3 ranks x 2 seeds, on CPU")
+    s.add_argument("--out", default="lorasweep-demo")
+    _run_args(s)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("status", help="the trials of a run folder")
+    s.add_argument("dir")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("export", help="per-trial rows as CSV or JSON")
+    s.add_argument("dir")
+    s.add_argument("--format", choices=["csv", "json"], default="csv")
+    s.add_argument("-o", "--output", default=None)
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("analyze", help="statistics and a recommendation")
+    s.add_argument("source", help="a run folder, or a CSV/JSON of per-trial rows")
+    s.add_argument("--metric")
+    s.add_argument("--direction", choices=["min", "max"])
+    s.add_argument("--by", help="grouping columns, comma separated (default: variant,rank)")
+    s.add_argument("--cost", help="cost column (default: train_seconds)")
+    s.add_argument("--tolerance", type=float, help="accept configs within this metric distance")
+    s.add_argument("--memory-budget", type=float, help="GB")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_analyze)
+
+    s = sub.add_parser("report", help="write DIR/report.html")
+    s.add_argument("dir")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("estimate", help="params, adapter size and memory per rank, no weights")
+    s.add_argument("model")
+    s.add_argument("--ranks", default="4,8,16,32,64,128,256")
+    s.add_argument("--targets", default=None)
+    s.add_argument("--variant", choices=["lora", "dora", "qlora"], default="lora")
+    s.add_argument("--task", choices=["causal-lm", "classification"], default=None)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--seq", type=int, default=512)
+    s.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    s.add_argument("--optimizer", choices=["adamw", "adamw-8bit", "sgd"], default="adamw")
+    s.add_argument("--gradient-checkpointing", action="store_true")
+    s.add_argument("--plot", default=None, help="write the memory-vs-rank PNG here")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_estimate)
+
+    s = sub.add_parser("spectrum", help="singular values and effective rank of an adapter")
+    s.add_argument("adapter")
+    s.add_argument("other", nargs="?", default=None, help="a second adapter to compare")
+    s.add_argument("--energy", type=float, default=0.9)
+    s.add_argument("--plot", default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_spectrum)
+
+    s = sub.add_parser("init", help="write a commented starter spec")
+    s.add_argument("--model", default="builtin:minilm-l6")
+    s.add_argument("--task", choices=["classification", "causal-lm"], default=None)
+    s.add_argument("-o", "--output", default="sweep.yaml")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_init)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lorasweep.spec import SpecError
+
+    try:
+        return int(args.func(args) or 0)
+    except SpecError as e:
+        if args.debug:
+            raise
+        for line in e.errors:
+            print(f"lorasweep: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except (UserError, ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"lorasweep: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(
+            "lorasweep: interrupted; finished trials are stored, run again to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

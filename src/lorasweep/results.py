@@ -1,0 +1,136 @@
+"""Trial and TrialResult records, the status enum and the metric vocabulary.
+
+No torch import here: the store, stats, plots and report all read these records.
+
+Metric names (keys of ``TrialResult.metrics`` and columns of ``Store.trials_frame()``):
+
+=============================  ==================================================
+``accuracy``, ``f1``           classification: accuracy and macro-F1 on the eval split
+``perplexity``                 causal LM: exp(token-weighted mean NLL over the eval set)
+``eval_loss``                  mean eval loss (token-weighted for causal LM)
+``eval_tokens``                causal LM: number of target tokens scored in eval
+``train_loss``                 mean training loss over the last logging window
+``train_seconds``              wall seconds of the training loop alone
+``load_seconds``               wall seconds of loading data, model and peft wrapping
+``eval_seconds``               wall seconds of the final evaluation
+``examples_per_second``        training examples per training-loop second
+``tokens_per_second``          non-padding training tokens per training-loop second
+``trainable_params``           parameters with requires_grad (peft's own count)
+``total_params``               all parameters of the wrapped model
+``trainable_percent``          100 * trainable / total
+``adapter_bytes``              bytes of the saved adapter folder on disk
+``peak_cpu_rss_bytes``         peak resident set size of the trial's process (sampled)
+``mean_cpu_rss_bytes``         mean sampled RSS during the training loop
+``peak_gpu_allocated_bytes``   torch.cuda.max_memory_allocated (or MPS equivalent)
+``peak_gpu_reserved_bytes``    torch.cuda.max_memory_reserved
+``mean_gpu_allocated_bytes``   mean sampled allocated GPU memory during training
+``lora_scale``                 alpha / r (or alpha / sqrt(r) for rsLoRA) actually used
+``estimated_peak_bytes``       the estimator's predicted peak for this trial (if computed)
+=============================  ==================================================
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class TrialStatus(str, enum.Enum):
+    """Life cycle of a trial. ``complete``, ``diverged`` and ``pruned`` are final."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    DIVERGED = "diverged"
+    OOM = "oom"
+    PRUNED = "pruned"
+
+    @property
+    def finished(self) -> bool:
+        """A finished trial is immutable and never re-run."""
+        return self in (TrialStatus.COMPLETE, TrialStatus.DIVERGED, TrialStatus.PRUNED)
+
+
+# Direction of every metric the tool produces: True when larger is better.
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "accuracy": True,
+    "f1": True,
+    "perplexity": False,
+    "eval_loss": False,
+    "train_loss": False,
+}
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the basis of trial ids."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A fully resolved configuration plus a seed.
+
+    ``config`` holds everything that defines the run (model, task, dataset, training
+    arguments, adapter settings); ``variant``, ``rank`` and ``seed`` are repeated as
+    columns for grouping. The id is a short hash of the canonical JSON of config + seed,
+    so the same configuration always gets the same id, across runs and machines.
+    """
+
+    config: dict[str, Any]
+    variant: str
+    rank: int | None
+    seed: int
+
+    @property
+    def id(self) -> str:
+        payload = canonical_json({"config": self.config, "seed": self.seed})
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        """Human name: ``variant/r=8/seed=0``."""
+        r = "r=-" if self.rank is None else f"r={self.rank}"
+        return f"{self.variant}/{r}/seed={self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Trial:
+        return cls(config=d["config"], variant=d["variant"], rank=d["rank"], seed=d["seed"])
+
+
+@dataclass
+class TrialResult:
+    """What a finished (or failed) trial produced."""
+
+    trial_id: str
+    status: TrialStatus
+    metrics: dict[str, float] = field(default_factory=dict)
+    # curves[name] = [[step, value], ...]; names: "train_loss", "eval_<metric>"
+    curves: dict[str, list[list[float]]] = field(default_factory=dict)
+    error: str | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+    # extra per-trial facts that are not scalar metrics: adapter path, AdaLoRA final ranks...
+    artifacts: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["status"] = self.status.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialResult:
+        return cls(
+            trial_id=d["trial_id"],
+            status=TrialStatus(d["status"]),
+            metrics=dict(d.get("metrics") or {}),
+            curves=dict(d.get("curves") or {}),
+            error=d.get("error"),
+            environment=dict(d.get("environment") or {}),
+            artifacts=dict(d.get("artifacts") or {}),
+        )

@@ -1,0 +1,355 @@
+"""The sweep spec: pydantic models of the YAML, validation, and grid x variants x seeds -> trials.
+
+Validation happens in two stages, both before any weights load:
+
+1. ``parse_spec`` checks the shape of the YAML (unknown keys, types, ranges) with pydantic and
+   reports every error at once, one line each, naming the key and the bad value.
+2. ``check_spec`` checks the spec against the world: the data file exists and has the named
+   columns, the training arguments exist in ``transformers.TrainingArguments``, and every target
+   module exists in the model (the model is built from its config on the meta device, no weights).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorasweep.results import Trial
+
+
+class SpecError(ValueError):
+    """One or more problems with a spec; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+AlphaPolicy = float | str  # number, "rank", "2*rank", "rslora", "rslora:<alpha>"
+_ALPHA_RE = re.compile(r"^(rank|2\*rank|rslora(:\d+(\.\d+)?)?)$")
+DEFAULT_RSLORA_ALPHA = 16.0
+
+
+class DatasetSpec(_Strict):
+    """Where the data comes from and how it is cut and tokenized."""
+
+    source: str
+    """builtin name (builtin:rotten-tomatoes, builtin:imdb, builtin:shakespeare,
+    builtin:shakespeare-instruct), a local .csv/.jsonl/.json/.parquet/.txt file, or a hub id."""
+    text_column: str = "text"
+    label_column: str = "label"
+    """classification only."""
+    format: Literal["text", "instruction", "prompt-completion", "chat"] = "text"
+    """causal LM only: how rows become prompt/response pairs."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """causal LM only: renames for the format's columns (instruction, input, output, prompt,
+    completion, messages)."""
+    train_on_prompt: bool = False
+    """causal LM formats with a prompt: also compute the loss on prompt tokens."""
+    train_split: str = "train"
+    eval_split: str | None = None
+    """hub datasets: the eval split (default: validation, else test, else carved from train)."""
+    config_name: str | None = None
+    """hub datasets: the configuration name passed to datasets.load_dataset."""
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    """used when the source has no eval split (seeded, stratified for classification)."""
+    split_seed: int = 0
+    """seed of the train/eval split and of the example subsampling; the same for every trial."""
+    max_train_examples: int | None = Field(None, gt=0)
+    max_eval_examples: int | None = Field(None, gt=0)
+    max_length: int = Field(128, gt=0)
+
+
+class AdapterSpec(_Strict):
+    """LoRA settings: the ``lora:`` defaults and every entry of ``variants:``."""
+
+    method: Literal["lora", "dora", "adalora"] | None = None
+    rank: int | None = Field(None, gt=0)
+    """a variant with its own rank stands alone instead of crossing the rank grid."""
+    alpha: AlphaPolicy | None = None
+    """a number (fixed alpha), "rank", "2*rank", "rslora" (alpha 16, scale alpha/sqrt(r)) or
+    "rslora:<alpha>"."""
+    dropout: float | None = Field(None, ge=0, lt=1)
+    target_modules: list[str] | str | None = None
+    """module-name suffixes, or a group: attention, mlp, all-linear."""
+    rank_pattern: dict[str, int] | None = None
+    """per group (attention, mlp) or per module suffix: rank. Standalone variant."""
+    alpha_pattern: dict[str, float] | None = None
+    bias: Literal["none", "all", "lora_only"] | None = None
+    quantization: Literal["4bit"] | None = None
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """QLoRA compute dtype (default float32 on CPU, bfloat16 on CUDA)."""
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    """mixed precision for training (refused where the device cannot do it)."""
+    init_r: int | None = Field(None, gt=0)
+    """AdaLoRA: initial rank of every module."""
+    target_r: int | None = Field(None, gt=0)
+    """AdaLoRA: average target rank after pruning."""
+    tinit: int | None = Field(None, ge=0)
+    tfinal: int | None = Field(None, ge=0)
+    deltaT: int | None = Field(None, gt=0)
+    orth_reg_weight: float | None = Field(None, ge=0)
+    training: dict[str, Any] | None = None
+    """TrainingArguments overrides for this variant (e.g. a learning rate)."""
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: AlphaPolicy | None) -> AlphaPolicy | None:
+        if v is None or isinstance(v, int | float):
+            if v is not None and v <= 0:
+                raise ValueError(f"must be > 0, got {v}")
+            return v
+        if not _ALPHA_RE.match(str(v)):
+            raise ValueError(f'must be a number, "rank", "2*rank" or "rslora", got {v!r}')
+        return v
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _pattern(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        for k, r in (v or {}).items():
+            if r <= 0:
+                raise ValueError(f"rank for {k!r} must be > 0, got {r}")
+        return v
+
+    @model_validator(mode="after")
+    def _adalora(self) -> AdapterSpec:
+        ada_keys = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "orth_reg_weight")
+        if self.method != "adalora":
+            bad = [k for k in ada_keys if getattr(self, k) is not None]
+            if bad:
+                raise ValueError(
+                    f"{bad[0]}={getattr(self, bad[0])} is an AdaLoRA key but method is "
+                    f"{self.method or 'lora'!r}"
+                )
+        elif self.init_r is not None and self.target_r is not None and self.target_r > self.init_r:
+            raise ValueError(
+                f"AdaLoRA needs target_r <= init_r, got init_r={self.init_r}, "
+                f"target_r={self.target_r}"
+            )
+        if self.method == "adalora" and self.rank_pattern:
+            raise ValueError("rank_pattern cannot be combined with method adalora")
+        return self
+
+
+class GridSpec(_Strict):
+    rank: list[int] = Field(default_factory=lambda: [8])
+
+    @field_validator("rank")
+    @classmethod
+    def _ranks(cls, v: list[int]) -> list[int]:
+        for i, r in enumerate(v):
+            if r <= 0:
+                raise ValueError(f"rank[{i}] must be > 0, got {r}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"ranks must be distinct, got {v}")
+        return v
+
+
+class SweepSpec(_Strict):
+    """A whole sweep: one base model, one task, one dataset, a grid of adapters, seeds."""
+
+    name: str = "sweep"
+    task: Literal["classification", "causal-lm"]
+    model: str
+    """builtin:minilm-l6, builtin:smollm2-135m, a local directory, or a hub id."""
+    dataset: DatasetSpec
+    training: dict[str, Any] = Field(default_factory=dict)
+    """HF TrainingArguments names and values, shared by every trial."""
+    lora: AdapterSpec = Field(default_factory=AdapterSpec)
+    grid: GridSpec = Field(default_factory=GridSpec)
+    variants: dict[str, AdapterSpec] | None = None
+    """named variants; each overrides ``lora:``. Default: one variant named "lora"."""
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    report_to: list[str] = Field(default_factory=list)
+    """tracking integrations passed to the Trainer: wandb, mlflow, tensorboard."""
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("needs at least one seed")
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to(cls, v: list[str]) -> list[str]:
+        allowed = {"wandb", "mlflow", "tensorboard", "none"}
+        for x in v:
+            if x not in allowed:
+                raise ValueError(f"unknown integration {x!r}; choose from {sorted(allowed)}")
+        return v
+
+    def trials(self) -> list[Trial]:
+        """Expand grid x variants x seeds into fully resolved trials (see ``plan``)."""
+        return plan(self)
+
+
+# Keys of TrainingArguments that lorasweep sets itself for every trial.
+RESERVED_TRAINING_KEYS = {
+    "output_dir": "set by lorasweep per trial",
+    "seed": "use the spec's top-level seeds list",
+    "data_seed": "use the spec's top-level seeds list",
+    "report_to": "use the spec's top-level report_to",
+    "do_eval": "evaluation is always done by lorasweep",
+}
+
+
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _pydantic_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for e in exc.errors():
+        # drop pydantic's union-branch names (e.g. "float", "str") from the location
+        loc = tuple(p for p in e["loc"] if p not in ("float", "str", "list[str]", "int"))
+        key = _fmt_loc(loc) or "spec"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key (value {e['input']!r})")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key}: {msg} (got {e['input']!r})")
+    return list(dict.fromkeys(lines))
+
+
+def parse_spec(data: dict[str, Any] | str | Path) -> SweepSpec:
+    """Parse a spec from a dict, YAML text or a path; raise SpecError listing every problem."""
+    if isinstance(data, Path) or (isinstance(data, str) and "\n" not in data):
+        path = Path(data)
+        if not path.exists():
+            raise SpecError([f"spec: file not found: {path}"])
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise SpecError([f"spec: {path} is not valid YAML: {str(e).splitlines()[0]}"]) from e
+    elif isinstance(data, str):
+        data = yaml.safe_load(data)
+    if not isinstance(data, dict):
+        raise SpecError([f"spec: must be a mapping of keys, got {type(data).__name__}"])
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_pydantic_errors(exc)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Plan: grid x variants x seeds -> trials
+
+
+def resolve_alpha(policy: AlphaPolicy | None, r: int) -> tuple[str, float, bool, float]:
+    """Turn an alpha policy into (policy name, lora_alpha, use_rslora, scale) for rank r."""
+    if policy is None:
+        policy = 16.0
+    if isinstance(policy, int | float):
+        alpha = float(policy)
+        return f"fixed:{alpha:g}", alpha, False, alpha / r
+    if policy == "rank":
+        return "rank", float(r), False, 1.0
+    if policy == "2*rank":
+        return "2*rank", 2.0 * r, False, 2.0
+    alpha = float(policy.split(":", 1)[1]) if ":" in policy else DEFAULT_RSLORA_ALPHA
+    return f"rslora:{alpha:g}", alpha, True, alpha / math.sqrt(r)
+
+
+def merge_adapter(base: AdapterSpec, over: AdapterSpec) -> dict[str, Any]:
+    """The variant's settings over the ``lora:`` defaults (only keys the variant sets)."""
+    merged = base.model_dump(exclude_none=True)
+    merged.update(over.model_dump(exclude_none=True, exclude_unset=True))
+    if "training" in merged and "training" in base.model_dump(exclude_none=True):
+        merged["training"] = {**(base.training or {}), **(over.training or {})}
+    return merged
+
+
+def is_standalone(adapter: dict[str, Any]) -> bool:
+    """A variant that fixes its own ranks does not cross the rank grid."""
+    return bool(
+        adapter.get("rank") or adapter.get("rank_pattern") or adapter.get("method") == "adalora"
+    )
+
+
+def adapter_config(adapter: dict[str, Any], r: int | None) -> dict[str, Any]:
+    """The resolved adapter block of a trial config: everything the trial needs, explicit."""
+    method = adapter.get("method", "lora")
+    out: dict[str, Any] = {
+        "method": method,
+        "target_modules": adapter.get("target_modules"),
+        "dropout": adapter.get("dropout", 0.05),
+        "bias": adapter.get("bias", "none"),
+        "quantization": adapter.get("quantization"),
+        "compute_dtype": adapter.get("compute_dtype"),
+        "precision": adapter.get("precision", "fp32"),
+    }
+    if method == "adalora":
+        init_r = adapter.get("init_r", 12)
+        target_r = adapter.get("target_r", 8)
+        r_for_alpha = init_r
+        out.update(
+            init_r=init_r,
+            target_r=target_r,
+            tinit=adapter.get("tinit"),
+            tfinal=adapter.get("tfinal"),
+            deltaT=adapter.get("deltaT"),
+            orth_reg_weight=adapter.get("orth_reg_weight", 0.5),
+        )
+        r = target_r
+    else:
+        pattern = adapter.get("rank_pattern")
+        r = adapter.get("rank") or r
+        if r is None:  # a pattern-only variant: the base r is the largest pattern rank
+            r = max(pattern.values())
+        out.update(r=r, rank_pattern=pattern, alpha_pattern=adapter.get("alpha_pattern"))
+        r_for_alpha = r
+    policy, alpha, rslora, scale = resolve_alpha(adapter.get("alpha"), r_for_alpha)
+    out.update(alpha_policy=policy, alpha=alpha, use_rslora=rslora, scale=scale)
+    return out
+
+
+def plan(spec: SweepSpec) -> list[Trial]:
+    """Every trial of the sweep, in a deterministic order (variant, rank, seed).
+
+    A trial's config is fully resolved (defaults applied), so its id changes exactly when
+    something that affects its result changes, and not when the sweep is renamed.
+    """
+    variants = spec.variants or {"lora": AdapterSpec()}
+    common = {
+        "task": spec.task,
+        "model": spec.model,
+        "dataset": spec.dataset.model_dump(),
+    }
+    trials: list[Trial] = []
+    for vname, vspec in variants.items():
+        adapter = merge_adapter(spec.lora, vspec)
+        training = {**spec.training, **(adapter.pop("training", None) or {})}
+        ranks: list[int | None] = [None] if is_standalone(adapter) else list(spec.grid.rank)
+        for r in ranks:
+            ad = adapter_config(adapter, r)
+            row_rank = None if adapter.get("rank_pattern") else ad.get("r", ad.get("target_r"))
+            cfg = {
+                **common,
+                "variant": vname,
+                "training": training,
+                "adapter": ad,
+                "report_to": spec.report_to,
+            }
+            for seed in spec.seeds:
+                trials.append(Trial(config=cfg, variant=vname, rank=row_rank, seed=seed))
+    return trials

@@ -1,0 +1,229 @@
+"""run_sweep: validate, plan, store, run what is not finished, record every result, report.
+
+The parent process is the only writer of the store. Each result is written the moment its trial
+ends, in one transaction, so killing the sweep at any point loses only the trials that were
+running; they are re-run on resume, and finished trials are never run twice.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from lorasweep.backends import RunContext, get_backend
+from lorasweep.results import Trial, TrialResult, TrialStatus
+from lorasweep.spec import SweepSpec, parse_spec
+from lorasweep.store import open_store
+
+RETRYABLE = {"failed": TrialStatus.FAILED, "oom": TrialStatus.OOM}
+
+
+@dataclass
+class SweepOutcome:
+    out_dir: Path
+    planned: int
+    ran: int
+    skipped: int
+    statuses: dict[str, int] = field(default_factory=dict)
+    report: Path | None = None
+
+
+class Progress:
+    """A live one-line display on a terminal; one line per trial event otherwise."""
+
+    def __init__(self, total: int, jobs: int, stream: TextIO | None = None, quiet: bool = False):
+        self.total, self.jobs = total, max(1, jobs)
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.tty = self.stream.isatty()
+        self.done = 0
+        self.durations: list[float] = []
+        self.running: dict[str, tuple[Trial, float, int, int]] = {}
+        self.t0 = time.monotonic()
+
+    def _eta(self) -> str:
+        if not self.durations:
+            return "ETA -"
+        mean = sum(self.durations) / len(self.durations)
+        left = self.total - self.done
+        elapsed_running = sum(time.monotonic() - t0 for _, t0, _, _ in self.running.values())
+        secs = max(0.0, (left * mean - elapsed_running) / self.jobs)
+        return f"ETA {_fmt_secs(secs)}"
+
+    def _line(self, text: str, final: bool = False) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
+        elif final:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def start(self, trial: Trial) -> None:
+        self.running[trial.id] = (trial, time.monotonic(), 0, 0)
+        if not self.tty:
+            self._line(f"[{self.done + 1}/{self.total}] start {trial.label} ({trial.id})", True)
+
+    def progress(self, trial_id: str, step: int, total: int) -> None:
+        if trial_id not in self.running:
+            return
+        trial, t0, _, _ = self.running[trial_id]
+        self.running[trial_id] = (trial, t0, step, total)
+        parts = [f"{t.label} step {s}/{n}" for t, _, s, n in self.running.values()]
+        self._line(f"[{self.done}/{self.total} done] " + " | ".join(parts) + f" | {self._eta()}")
+
+    def finish(self, result: TrialResult) -> None:
+        trial, t0, _, _ = self.running.pop(result.trial_id, (None, time.monotonic(), 0, 0))
+        self.done += 1
+        self.durations.append(time.monotonic() - t0)
+        m = result.metrics
+        shown = ", ".join(f"{k}={m[k]:.4g}" for k in ("accuracy", "f1", "perplexity") if k in m)
+        label = trial.label if trial else result.trial_id
+        err = f" ({(result.error or '').splitlines()[-1][:120]})" if result.error else ""
+        self._line(
+            f"[{self.done}/{self.total}] {result.status.value:8s} {label} "
+            f"{shown}{err} in {_fmt_secs(self.durations[-1])} | {self._eta()}",
+            True,
+        )
+
+
+def _fmt_secs(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def load_spec(source: str | Path | dict[str, Any]) -> SweepSpec:
+    """Parse a spec (path, YAML text or dict) and check it against the world; SpecError if bad."""
+    from lorasweep.validate import check_spec
+
+    spec = parse_spec(source)
+    check_spec(spec)
+    return spec
+
+
+def select_trials(store: Any, trials: list[Trial], retry: set[str]) -> tuple[list[Trial], int]:
+    """The trials to run now: new, interrupted (running/pending), and retried statuses."""
+    todo, skipped = [], 0
+    for t in trials:
+        status = store.status_of(t.id)
+        if status in (None, TrialStatus.PENDING, TrialStatus.RUNNING):
+            todo.append(t)
+        elif status.value in retry:
+            todo.append(t)
+        else:
+            skipped += 1
+    return todo, skipped
+
+
+def run_sweep(
+    spec: SweepSpec | str | Path | dict[str, Any],
+    out_dir: str | Path,
+    *,
+    backend: str = "local",
+    jobs: int = 1,
+    retry: tuple[str, ...] | set[str] = (),
+    address: str | None = None,
+    report: bool = True,
+    quiet: bool = False,
+    validated: bool = False,
+) -> SweepOutcome:
+    """Run (or resume) a sweep into ``out_dir`` and return what happened."""
+    if not isinstance(spec, SweepSpec):
+        spec = load_spec(spec)
+    elif not validated:
+        from lorasweep.validate import check_spec
+
+        check_spec(spec)
+    bad = set(retry) - set(RETRYABLE)
+    if bad:
+        raise ValueError(f"--retry: unknown status {sorted(bad)[0]!r}; choose from failed, oom")
+    out = Path(out_dir)
+    be = get_backend(backend, jobs=jobs, address=address)
+    trials = spec.trials()
+    with open_store(out, create=True) as store:
+        store.set_meta(
+            name=spec.name,
+            task=spec.task,
+            spec=spec.model_dump(mode="json"),
+            spec_yaml=yaml.safe_dump(
+                spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False
+            ),
+        )
+        store.add_trials(trials)
+        todo, skipped = select_trials(store, trials, set(retry))
+        ran = 0
+        if todo:
+            _prepare_data(spec, out)
+            progress = Progress(len(todo), jobs, quiet=quiet)
+
+            def on_start(t: Trial) -> None:
+                store.mark_running(t.id)
+                progress.start(t)
+
+            ctx = RunContext(
+                out_dir=out,
+                cache_root=out / "cache",
+                name=spec.name,
+                on_start=on_start,
+                on_progress=progress.progress,
+            )
+            for result in be.run(todo, ctx):
+                store.save_result(result)
+                progress.finish(result)
+                ran += 1
+        statuses: dict[str, int] = {}
+        planned_ids = {t.id for t in trials}
+        for t in store.trials():
+            if t["id"] in planned_ids:
+                statuses[t["status"]] = statuses.get(t["status"], 0) + 1
+    outcome = SweepOutcome(out, len(trials), ran, skipped, statuses)
+    if report and (ran or not (out / "report.html").exists()):
+        outcome.report = write_run_report(out)
+    elif report:
+        outcome.report = out / "report.html"
+    return outcome
+
+
+def _prepare_data(spec: SweepSpec, out: Path) -> None:
+    """Tokenize once in the parent, so trials (in any worker) only load the cached dataset."""
+    from lorasweep import data, models
+
+    tok = models.load_tokenizer(spec.model)
+    data.prepare(spec.dataset.model_dump(), spec.task, spec.model, tok, out / "cache")
+
+
+def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
+    """Build run_dir/report.html from the store (stats, plots, spectra)."""
+    from lorasweep.report import build_report
+
+    run_dir = Path(run_dir)
+    with open_store(run_dir) as store:
+        trials, curves, meta = store.trials_frame(), store.curves_frame(), store.meta()
+        meta["environment"] = next(
+            (t["environment"] for t in store.trials() if t["environment"]), {}
+        )
+        adapters = {
+            t["label"]: Path(t["artifacts"]["adapter_dir"])
+            for t in store.trials()
+            if t["status"] == "complete" and t["artifacts"].get("adapter_dir")
+        }
+    if trials.empty:
+        return None
+    sections = []
+    if adapters:
+        try:
+            from lorasweep.spectrum import spectrum_section_html
+
+            existing = {k: v for k, v in adapters.items() if v.exists()}
+            if existing:
+                sections.append(
+                    {"title": "Adapter spectra", "html": spectrum_section_html(existing)}
+                )
+        except Exception as e:  # noqa: BLE001 - an extra section never blocks the report
+            sections.append({"title": "Adapter spectra", "html": f"<p>not available: {e}</p>"})
+    return build_report(trials, curves, meta, run_dir, extra_sections=sections, **kwargs)

@@ -1,0 +1,409 @@
+"""train_trial(trial) -> TrialResult: one LoRA configuration, one seed, measured.
+
+Reads top to bottom: seed, load data and model, wrap with peft, train with the HF Trainer, evaluate,
+save the adapter, measure. Every failure becomes a stored status (failed / oom / diverged) instead
+of an exception, so a sweep never loses a night to one bad trial.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from lorasweep import data as data_mod
+from lorasweep import models
+from lorasweep.measure import Monitor, environment
+from lorasweep.results import Trial, TrialResult, TrialStatus
+
+ProgressFn = Callable[[str, int, int], None]  # (trial_id, step, max_steps)
+GROUPS = ("attention", "mlp", "all-linear")
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------
+# Trainer callbacks
+
+
+class _Recorder(TrainerCallback):
+    """Loss curve, NaN/inf detection (stops the run), progress reports, AdaLoRA allocation."""
+
+    def __init__(self, trial_id: str, progress: ProgressFn | None, adalora: bool):
+        self.trial_id, self.progress, self.adalora = trial_id, progress, adalora
+        self.loss_curve: list[list[float]] = []
+        self.diverged_at: int | None = None
+
+    def on_optimizer_step(self, args, state, control, model=None, **kw):  # noqa: ANN001
+        # AdaLoRA re-allocates ranks from the gradients: after optimizer.step, before zero_grad
+        if self.adalora:
+            model.base_model.update_and_allocate(state.global_step)
+
+    def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+        if self.progress is not None:
+            self.progress(self.trial_id, state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        self.loss_curve.append([state.global_step, float(loss)])
+        if not math.isfinite(loss):
+            self.diverged_at = state.global_step
+            control.should_training_stop = True
+
+
+class _CountingCollator:
+    """Wraps a collator to count the examples and non-padding tokens actually trained on."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.examples = 0
+        self.tokens = 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(features)
+        self.examples += len(features)
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+
+# ------------------------------------------------------------------------------------------
+# peft wrapping
+
+
+def _targets(model: Any, targets: Any) -> Any:
+    if targets is None:
+        return None  # peft's default for the architecture
+    from lorasweep.targets import resolve_targets
+
+    return resolve_targets(model, targets).target_modules
+
+
+def build_peft_config(model: Any, ad: dict[str, Any], task: str, total_steps: int) -> Any:
+    """The peft config of a trial's adapter block (see spec.adapter_config)."""
+    from peft import AdaLoraConfig, LoraConfig, TaskType
+
+    task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
+    common = dict(
+        lora_alpha=ad["alpha"],
+        lora_dropout=ad["dropout"],
+        bias=ad["bias"],
+        task_type=task_type,
+        use_rslora=ad["use_rslora"],
+    )
+    if ad["method"] == "adalora":
+        t = total_steps
+        return AdaLoraConfig(
+            init_r=ad["init_r"],
+            target_r=ad["target_r"],
+            tinit=ad["tinit"] if ad["tinit"] is not None else t // 5,
+            tfinal=ad["tfinal"] if ad["tfinal"] is not None else t // 3,
+            deltaT=ad["deltaT"] or max(1, t // 15),
+            orth_reg_weight=ad["orth_reg_weight"],
+            total_step=t,
+            target_modules=_targets(model, ad["target_modules"]),
+            **common,
+        )
+    target_modules = _targets(model, ad["target_modules"])
+    rank_pattern, alpha_pattern = ad.get("rank_pattern"), ad.get("alpha_pattern")
+    if rank_pattern:
+        from lorasweep.targets import rank_pattern_for_groups
+
+        target_modules, rank_pattern, alpha_pattern = rank_pattern_for_groups(
+            model, rank_pattern, alpha_pattern
+        )
+    return LoraConfig(
+        r=ad["r"],
+        target_modules=target_modules,
+        rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
+        use_dora=ad["method"] == "dora",
+        **common,
+    )
+
+
+def _total_steps(args: TrainingArguments, n_train: int) -> int:
+    if args.max_steps and args.max_steps > 0:
+        return int(args.max_steps)
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    return int(math.ceil(n_train / per_step) * args.num_train_epochs)
+
+
+def adalora_allocation(model: Any) -> tuple[dict[str, int], int]:
+    """Final per-module ranks and the allocated parameter count of an AdaLoRA model."""
+    from peft.tuners.adalora import AdaLoraLayer
+
+    ranks, params = {}, 0
+    pattern = model.peft_config["default"].rank_pattern or {}
+    for name, module in model.named_modules():
+        if isinstance(module, AdaLoraLayer) and "default" in module.lora_A:
+            a = module.lora_A["default"]
+            b = module.lora_B["default"]
+            key = next((k for k in pattern if name.endswith(k.removesuffix(".lora_E"))), None)
+            k = int(sum(pattern[key])) if key else int(a.shape[0])
+            ranks[name.removeprefix("base_model.model.")] = k
+            params += k * (a.shape[1] + b.shape[0] + 1)  # A: k x in, B: out x k, E: k
+    return ranks, params
+
+
+# ------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    pred = logits.argmax(-1)
+    f1s = []
+    for c in np.unique(np.concatenate([labels, pred])):
+        tp = np.sum((pred == c) & (labels == c))
+        fp = np.sum((pred == c) & (labels != c))
+        fn = np.sum((pred != c) & (labels == c))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {"accuracy": float(np.mean(pred == labels)), "f1": float(np.mean(f1s))}
+
+
+@torch.no_grad()
+def _causal_eval(trainer: Trainer, eval_ds: Any) -> dict[str, float]:
+    """Perplexity = exp(total NLL / total target tokens) over the whole eval set."""
+    from lorasweep.formats import causal_lm_metrics, token_nll_sum
+
+    model = trainer.model
+    model.eval()
+    nll, tokens = 0.0, 0
+    for batch in trainer.get_eval_dataloader(eval_ds):
+        batch = trainer._prepare_inputs(batch)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        s, n = token_nll_sum(logits.float(), labels)
+        nll += float(s)
+        tokens += int(n)
+    return causal_lm_metrics(nll, tokens)
+
+
+# ------------------------------------------------------------------------------------------
+# the trial
+
+
+def _training_args(trial: Trial, workdir: Path, device: str, context: dict[str, Any]) -> Any:
+    cfg, ad = trial.config, trial.config["adapter"]
+    user = dict(cfg.get("training") or {})
+    n_steps = user.get("max_steps", 0) or 0
+    defaults = {
+        "logging_steps": max(1, n_steps // 40) if n_steps else 10,
+        "per_device_eval_batch_size": user.get("per_device_train_batch_size", 8) * 2,
+        "lr_scheduler_type": "linear",
+    }
+    precision = ad.get("precision", "fp32")
+    if precision == "fp16" and device != "cuda":
+        raise ValueError(f"precision: fp16 needs a CUDA GPU, this trial runs on {device}")
+    if precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("precision: bf16 is not supported by this GPU; use fp16 or fp32")
+    report_to = [r for r in cfg.get("report_to") or [] if r != "none"] or "none"
+    return TrainingArguments(
+        **{**defaults, **user},
+        output_dir=str(workdir / "hf"),
+        seed=trial.seed,
+        data_seed=trial.seed,
+        report_to=report_to,
+        run_name=f"{context.get('name', 'sweep')}/{trial.label}",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the divergence check
+        use_cpu=device == "cpu",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        dataloader_num_workers=0,
+    )
+
+
+def train_trial(
+    trial: Trial,
+    workdir: Path,
+    *,
+    cache_root: Path | None = None,
+    progress: ProgressFn | None = None,
+    context: dict[str, Any] | None = None,
+) -> TrialResult:
+    """Train and evaluate one trial; never raises for a trial-level failure."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    context = context or {}
+    device = models.pick_device()
+    monitor = Monitor(device)
+    result = TrialResult(trial_id=trial.id, status=TrialStatus.RUNNING)
+    try:
+        result.environment = environment(device)
+        with monitor:
+            _run(trial, workdir, device, monitor, result, cache_root, progress, context)
+        result.metrics.update(monitor.metrics())
+    except Diverged as e:
+        result.status, result.error = TrialStatus.DIVERGED, str(e)
+        result.metrics.update(monitor.metrics())
+    except Exception as e:  # noqa: BLE001 - every failure is stored, the sweep goes on
+        result.status = TrialStatus.OOM if _is_oom(e) else TrialStatus.FAILED
+        tb = traceback.format_exc().strip().splitlines()
+        result.error = "\n".join(tb[-12:])
+        result.metrics.update(monitor.metrics())
+    finally:
+        shutil.rmtree(workdir / "hf", ignore_errors=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(e).lower()
+
+
+def _run(
+    trial: Trial,
+    workdir: Path,
+    device: str,
+    monitor: Monitor,
+    result: TrialResult,
+    cache_root: Path | None,
+    progress: ProgressFn | None,
+    context: dict[str, Any],
+) -> None:
+    cfg, ad, task = trial.config, trial.config["adapter"], trial.config["task"]
+    if context.get("threads"):
+        torch.set_num_threads(int(context["threads"]))
+    _tracking_env(cfg, context)
+
+    # -- load: data (cached tokenized), model, peft wrap
+    with monitor.timer("load"):
+        tokenizer = models.load_tokenizer(cfg["model"])
+        train_ds, eval_ds, info = data_mod.prepare(
+            cfg["dataset"], task, cfg["model"], tokenizer, cache_root
+        )
+        set_seed(trial.seed)  # fixes the classifier head and adapter init
+        model = models.load_model(
+            cfg["model"],
+            task,
+            num_labels=info.get("num_labels", 2),
+            quantization=ad.get("quantization"),
+            compute_dtype=ad.get("compute_dtype"),
+            device=device,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        args = _training_args(trial, workdir, device, context)
+        total_steps = _total_steps(args, len(train_ds))
+        if ad.get("quantization") == "4bit":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=bool(args.gradient_checkpointing)
+            )
+        from peft import get_peft_model
+
+        set_seed(trial.seed)
+        model = get_peft_model(model, build_peft_config(model, ad, task, total_steps))
+        trainable, total = model.get_nb_trainable_parameters()
+
+    if task == "classification":
+        inner = DataCollatorWithPadding(tokenizer)
+    else:
+        from lorasweep.formats import CausalCollator
+
+        inner = CausalCollator(tokenizer)
+    collator = _CountingCollator(inner)
+    recorder = _Recorder(trial.id, progress, adalora=ad["method"] == "adalora")
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=[recorder]
+    )
+
+    # -- train: the training loop alone is timed
+    monitor.mark_train(True)
+    with monitor.timer("train"):
+        train_out = trainer.train()
+    monitor.mark_train(False)
+    result.curves["train_loss"] = recorder.loss_curve
+    if recorder.diverged_at is not None:
+        result.metrics.update(train_seconds=monitor.timings["train"])
+        raise Diverged(f"training loss became non-finite at step {recorder.diverged_at}")
+    examples, tokens = collator.examples, collator.tokens
+
+    # -- evaluate
+    with monitor.timer("eval"):
+        if task == "classification":
+            pred = trainer.predict(eval_ds)
+            metrics = _classification_metrics(pred.predictions, pred.label_ids)
+            metrics["eval_loss"] = float(pred.metrics["test_loss"])
+        else:
+            metrics = _causal_eval(trainer, eval_ds)
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise Diverged(f"evaluation is not finite: {metrics}")
+
+    # -- save the adapter and measure it
+    adapter_dir = workdir / "adapter"
+    model.save_pretrained(str(adapter_dir))
+    train_secs = monitor.timings["train"]
+    m = result.metrics
+    m.update(metrics)
+    m.update(
+        train_loss=recorder.loss_curve[-1][1] if recorder.loss_curve else train_out.training_loss,
+        train_loss_mean=float(train_out.training_loss),
+        train_steps=float(trainer.state.global_step),
+        examples_per_second=examples / train_secs,
+        tokens_per_second=tokens / train_secs,
+        trainable_params=float(trainable),
+        total_params=float(total),
+        trainable_percent=100.0 * trainable / total,
+        adapter_bytes=float(sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())),
+        lora_scale=float(ad["scale"]),
+    )
+    if ad["method"] == "adalora":
+        ranks, allocated = adalora_allocation(model)
+        non_lora = trainable - sum(
+            p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n
+        )
+        m["initial_trainable_params"] = float(trainable)
+        m["trainable_params"] = float(allocated + non_lora)
+        m["trainable_percent"] = 100.0 * m["trainable_params"] / total
+        result.artifacts["adalora_final_ranks"] = ranks
+    result.artifacts["adapter_dir"] = str(adapter_dir)
+    result.artifacts["data"] = {k: v for k, v in info.items() if k != "label_names"}
+    _spectrum_summary(adapter_dir, result)
+    result.status = TrialStatus.COMPLETE
+
+
+def _spectrum_summary(adapter_dir: Path, result: TrialResult) -> None:
+    """Effective rank of the trained adapter (issue 5); never fails the trial."""
+    try:
+        from lorasweep.spectrum import adapter_spectrum
+
+        spec = adapter_spectrum(adapter_dir)
+    except Exception as e:  # noqa: BLE001 - analysis is extra information
+        result.artifacts["spectrum_error"] = f"{type(e).__name__}: {e}"
+        return
+    if spec.get("mean_effective_rank") is not None:
+        result.metrics["effective_rank"] = float(spec["mean_effective_rank"])
+    result.artifacts["spectrum"] = spec
+
+
+def _tracking_env(cfg: dict[str, Any], context: dict[str, Any]) -> None:
+    """Group tracking runs per sweep; offline modes need no network."""
+    report_to = cfg.get("report_to") or []
+    name = context.get("name", "lorasweep")
+    if "wandb" in report_to:
+        os.environ.setdefault("WANDB_RUN_GROUP", name)
+        os.environ.setdefault("WANDB_PROJECT", "lorasweep")
+    if "mlflow" in report_to:
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", name)

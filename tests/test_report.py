@@ -1,0 +1,177 @@
+"""report: one self-contained HTML file, formatted numbers, exports, and a real Chromium render."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lorasweep import report, stats
+
+GIB = 1024**3
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic() -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    rows, curves = [], []
+    acc = {4: [0.70, 0.71, 0.72], 16: [0.85, 0.86, 0.855], 64: [0.852, 0.861, np.nan]}
+    for r, vals in acc.items():
+        for s, a in enumerate(vals):
+            tid = f"r{r}s{s}"
+            rows.append(
+                {
+                    "trial_id": tid,
+                    "status": "diverged" if np.isnan(a) else "complete",
+                    "variant": "lora",
+                    "rank": r,
+                    "seed": s,
+                    "method": "lora",
+                    "alpha_policy": "2*rank",
+                    "alpha": 2.0 * r,
+                    "task": "classification",
+                    "model": "tiny-bert",
+                    "error": None,
+                    "accuracy": a,
+                    "f1": a - 0.01,
+                    "train_seconds": 60.0 + r,
+                    "trainable_params": 1_000 * r + 1_536,
+                    "trainable_percent": 0.1 * r,
+                    "peak_gpu_allocated_bytes": (1 + r / 32) * GIB,
+                    "estimated_peak_bytes": (1.1 + r / 32) * GIB,
+                    "adapter_bytes": 4096 * r,
+                }
+            )
+            curves += [
+                {"trial_id": tid, "curve": "train_loss", "step": k, "value": 1.0 / (1 + k * r / 64)}
+                for k in range(0, 50, 10)
+            ]
+    rows.append(
+        {
+            "trial_id": "r256s0",
+            "status": "oom",
+            "variant": "lora",
+            "rank": 256,
+            "seed": 0,
+            "task": "classification",
+            "error": "CUDA out of memory <tried 8 GiB>",
+        }
+    )
+    meta = {
+        "name": "demo <sweep>",
+        "task": "classification",
+        "spec": {},
+        "spec_yaml": "name: demo\nranks: [4, 16, 64]\n",
+        "environment": {
+            "device": "cpu",
+            "torch": "2.13.0",
+            "transformers": "4.57.0",
+            "peft": "0.17.0",
+            "python": "3.11",
+        },
+    }
+    return pd.DataFrame(rows), pd.DataFrame(curves), meta
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    trials, curves, meta = synthetic()
+    extra = [{"title": "Adapter spectrum", "html": "<p id='spectrum'>effective rank 7.5</p>"}]
+    return report.build_report(
+        trials, curves, meta, tmp_path_factory.mktemp("rep"), extra_sections=extra
+    )
+
+
+def test_formatters():
+    assert report.fmt_bytes(1536) == "1.50 KiB" and report.fmt_bytes(3 * GIB) == "3.00 GiB"
+    assert report.fmt_bytes(None) == "-" and report.fmt_bytes(float("nan")) == "-"
+    assert report.fmt_seconds(42.26) == "42.3 s" and report.fmt_seconds(300) == "5.0 min"
+    assert report.fmt_seconds(7200) == "2.00 h"
+    assert report.fmt_count(1234567) == "1,234,567"
+    assert report.fmt_mean_std(0.85, 0.005) == "0.85 ± 0.005"
+    assert report.fmt_mean_std(2 * GIB, 0.0, "bytes") == "2.00 GiB"
+
+
+def test_report_is_self_contained_with_all_sections(built):
+    html = built.read_text()
+    imgs = re.findall(r'<img[^>]*src="([^"]*)"', html)
+    assert len(imgs) == 7
+    for src in imgs:
+        assert src.startswith("data:image/png;base64,")
+        png = base64.b64decode(src.split(",", 1)[1])
+        assert png[:4] == b"\x89PNG" and len(png) > 5000
+    assert not re.search(r'src="(?!data:)', html)  # nothing loaded from elsewhere
+    assert sorted(p.name for p in built.parent.glob("*.png")) == sorted(
+        [
+            "metric_vs_rank.png",
+            "time_vs_rank.png",
+            "efficiency.png",
+            "memory_vs_rank.png",
+            "pareto.png",
+            "loss_curves.png",
+            "memory_estimate.png",
+        ]
+    )
+    # the recommendation of stats.analyze, and its reasons
+    assert "Recommended: lora r=16" in html and "Significantly worse: lora r=4" in html
+    # flags and the problem table (escaped error text)
+    assert "lora r=64 seed 2 (diverged)" in html
+    assert "CUDA out of memory &lt;tried 8 GiB&gt;" in html and "r256s0" in html
+    # summary table with formatted numbers
+    assert "17,536" in html and "1.50 GiB" in html and "76.0 s" in html and "2.1 min" in html
+    assert "1.6%</td>" in html  # a constant column shows no '± 2.7e-16'
+
+    # extra section rendered as HTML, provenance, spec, escaped title
+    assert "<p id='spectrum'>effective rank 7.5</p>" in html
+    assert "4.57.0" in html and "ranks: [4, 16, 64]" in html and "demo &lt;sweep&gt;" in html
+
+
+def test_report_numbers_come_from_stats(built):
+    trials, _, _ = synthetic()
+    r = stats.analyze(trials)
+    html = built.read_text()
+    g16 = next(g for g in r["groups"] if g["key"]["rank"] == 16)
+    assert f"{stats.fmt_num(g16['mean'])} ± {stats.fmt_num(g16['std'])}" in html
+    assert r["reason"].split(". ")[0] in html
+
+
+def test_export_trials_round_trip(tmp_path):
+    trials, _, _ = synthetic()
+    j = report.export_trials(trials, tmp_path / "t.json", fmt="json")
+    rows = json.loads(j.read_text())
+    assert len(rows) == len(trials) and rows[-1]["accuracy"] is None
+    back = stats.load_trials_table(j)
+    assert back["accuracy"].mean() == pytest.approx(trials["accuracy"].mean())
+    c = report.export_trials(trials, tmp_path / "t.csv")
+    assert len(pd.read_csv(c)) == len(trials)
+    with pytest.raises(ValueError, match="^fmt: 'xml'"):
+        report.export_trials(trials, tmp_path / "t.xml", fmt="xml")
+
+
+def test_report_renders_in_headless_chromium(built, tmp_path):
+    if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
+        pytest.skip("chromium not installed")
+    png = tmp_path / "shot.png"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "screenshot_report.py"),
+        str(built),
+        str(png),
+        "--height",
+        "2400",
+    ]
+    subprocess.run(cmd, check=True, timeout=90, capture_output=True)
+    from PIL import Image
+
+    im = np.asarray(Image.open(png).convert("RGB"))
+    assert im.shape[:2] == (2400, 1280)
+    assert im.std() > 20  # not a blank page
+    colours = len(np.unique(im.reshape(-1, 3)[::7], axis=0))
+    assert colours > 200  # text, tables and anti-aliased plots, not a flat colour
