@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from transformers import (
     DataCollatorWithPadding,
+    PrinterCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
