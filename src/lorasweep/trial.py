@@ -329,6 +329,7 @@ def _run(
     trainer = Trainer(
         model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=[recorder]
     )
+    trainer.remove_callback(PrinterCallback)  # progress goes to lorasweep's display instead
 
     # -- train: the training loop alone is timed
     monitor.mark_train(True)
