@@ -30,6 +30,7 @@ from lorasweep import data as data_mod
 from lorasweep import models
 from lorasweep.measure import Monitor, environment
 from lorasweep.results import Trial, TrialResult, TrialStatus
+from lorasweep.spec import adalora_schedule
 
 ProgressFn = Callable[[str, int, int], None]  # (trial_id, step, max_steps)
 GROUPS = ("attention", "mlp", "all-linear")
@@ -46,13 +47,27 @@ class Diverged(RuntimeError):
 class _Recorder(TrainerCallback):
     """Loss curve, NaN/inf detection (stops the run), progress reports, AdaLoRA allocation."""
 
-    def __init__(self, trial_id: str, progress: ProgressFn | None, adalora: bool):
-        self.trial_id, self.progress, self.adalora = trial_id, progress, adalora
+    def __init__(self, trial_id: str, progress: ProgressFn | None, adalora: dict | None):
+        self.trial_id, self.progress = trial_id, progress
+        self.adalora = adalora  # the trial's adapter block when the method is AdaLoRA
         self.loss_curve: list[list[float]] = []
         self.diverged_at: int | None = None
 
+    def on_train_begin(self, args, state, control, model=None, **kw):  # noqa: ANN001
+        # AdaLoRA's budget schedule was built from an estimate of the run's length; the
+        # Trainer's own count is the truth (peft's allocator reads this same config object).
+        if self.adalora:
+            cfg = model.peft_config["default"]
+            if cfg.total_step != state.max_steps:
+                cfg.tinit, cfg.tfinal, cfg.deltaT = adalora_schedule(
+                    state.max_steps, self.adalora["tinit"], self.adalora["tfinal"],
+                    self.adalora["deltaT"],
+                )  # fmt: skip
+                cfg.total_step = state.max_steps
+
     def on_optimizer_step(self, args, state, control, model=None, **kw):  # noqa: ANN001
-        # AdaLoRA re-allocates ranks from the gradients: after optimizer.step, before zero_grad
+        # AdaLoRA re-allocates ranks from the gradients: after optimizer.step, before zero_grad.
+        # global_step counts finished steps, so peft sees 0..total_step-1 as in its examples.
         if self.adalora:
             model.base_model.update_and_allocate(state.global_step)
 
@@ -71,18 +86,24 @@ class _Recorder(TrainerCallback):
 
 
 class _CountingCollator:
-    """Wraps a collator to count the examples and non-padding tokens actually trained on."""
+    """Wraps a collator to record each batch's examples and non-padding tokens.
+
+    The Trainer fetches batches ahead of the step that uses them, so the totals are taken over
+    the first ``steps x gradient_accumulation_steps`` batches only (``consumed``).
+    """
 
     def __init__(self, inner: Any):
         self.inner = inner
-        self.examples = 0
-        self.tokens = 0
+        self.batches: list[tuple[int, int]] = []
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.inner(features)
-        self.examples += len(features)
-        self.tokens += int(batch["attention_mask"].sum())
+        self.batches.append((len(features), int(batch["attention_mask"].sum())))
         return batch
+
+    def consumed(self, n_batches: int) -> tuple[int, int]:
+        used = self.batches[:n_batches]
+        return sum(b[0] for b in used), sum(b[1] for b in used)
 
 
 # ------------------------------------------------------------------------------------------
@@ -110,15 +131,17 @@ def build_peft_config(model: Any, ad: dict[str, Any], task: str, total_steps: in
         use_rslora=ad["use_rslora"],
     )
     if ad["method"] == "adalora":
-        t = total_steps
+        tinit, tfinal, delta_t = adalora_schedule(
+            total_steps, ad["tinit"], ad["tfinal"], ad["deltaT"]
+        )
         return AdaLoraConfig(
             init_r=ad["init_r"],
             target_r=ad["target_r"],
-            tinit=ad["tinit"] if ad["tinit"] is not None else t // 5,
-            tfinal=ad["tfinal"] if ad["tfinal"] is not None else t // 3,
-            deltaT=ad["deltaT"] or max(1, t // 15),
+            tinit=tinit,
+            tfinal=tfinal,
+            deltaT=delta_t,
             orth_reg_weight=ad["orth_reg_weight"],
-            total_step=t,
+            total_step=total_steps,
             target_modules=_targets(model, ad["target_modules"]),
             **common,
         )
@@ -141,27 +164,56 @@ def build_peft_config(model: Any, ad: dict[str, Any], task: str, total_steps: in
 
 
 def _total_steps(args: TrainingArguments, n_train: int) -> int:
+    """Optimizer steps of the run, as the Trainer counts them (checked again at train begin)."""
     if args.max_steps and args.max_steps > 0:
         return int(args.max_steps)
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
-    return int(math.ceil(n_train / per_step) * args.num_train_epochs)
+    batches = n_train // args.per_device_train_batch_size
+    if not args.dataloader_drop_last and n_train % args.per_device_train_batch_size:
+        batches += 1
+    per_epoch = max(1, math.ceil(batches / args.gradient_accumulation_steps))
+    return int(math.ceil(per_epoch * args.num_train_epochs))
 
 
 def adalora_allocation(model: Any) -> tuple[dict[str, int], int]:
-    """Final per-module ranks and the allocated parameter count of an AdaLoRA model."""
+    """Final per-module ranks and the allocated parameter count of an AdaLoRA model.
+
+    peft's final rank pattern maps ``<module>.lora_E`` (names relative to the peft model's
+    ``model``) to a keep-mask over the init_r singular values; a module without an entry
+    keeps all init_r.
+    """
     from peft.tuners.adalora import AdaLoraLayer
 
-    ranks, params = {}, 0
     pattern = model.peft_config["default"].rank_pattern or {}
-    for name, module in model.named_modules():
+    kept = {k.removesuffix(".lora_E"): int(sum(v)) for k, v in pattern.items()}
+    ranks, params = {}, 0
+    for name, module in model.base_model.model.named_modules():
         if isinstance(module, AdaLoraLayer) and "default" in module.lora_A:
-            a = module.lora_A["default"]
-            b = module.lora_B["default"]
-            key = next((k for k in pattern if name.endswith(k.removesuffix(".lora_E"))), None)
-            k = int(sum(pattern[key])) if key else int(a.shape[0])
-            ranks[name.removeprefix("base_model.model.")] = k
+            a, b = module.lora_A["default"], module.lora_B["default"]
+            k = kept.get(name, int(a.shape[0]))
+            ranks[name] = k
             params += k * (a.shape[1] + b.shape[0] + 1)  # A: k x in, B: out x k, E: k
     return ranks, params
+
+
+def lora_scales(model: Any) -> dict[str, float]:
+    """The scale actually multiplied into each adapter's update, by module name inside a block.
+
+    LoRA/DoRA: ``scaling`` (alpha/r, or alpha/sqrt(r) with rsLoRA). AdaLoRA divides by
+    ``ranknum`` (init_r) in its forward, so its scale is alpha/init_r, also after pruning.
+    """
+    from peft.tuners.adalora import AdaLoraLayer
+    from peft.tuners.lora import LoraLayer
+
+    from lorasweep.targets import _short_name
+
+    scales: dict[str, float] = {}
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.scaling:
+            scale = float(module.scaling["default"])
+            if isinstance(module, AdaLoraLayer):
+                scale /= float(module.ranknum["default"])
+            scales.setdefault(_short_name(name), round(scale, 6))
+    return scales
 
 
 # ------------------------------------------------------------------------------------------
@@ -169,6 +221,14 @@ def adalora_allocation(model: Any) -> tuple[dict[str, int], int]:
 
 
 def _classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro-F1 and the mean cross-entropy, all from the logits.
+
+    The loss is computed here rather than taken from the model: peft's AdaLoRA adds its
+    orthogonality penalty to every loss its forward returns, in eval mode too.
+    """
+    logits = logits.astype(np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = logz - logits[np.arange(len(labels)), labels]
     pred = logits.argmax(-1)
     f1s = []
     for c in np.unique(np.concatenate([labels, pred])):
@@ -176,7 +236,11 @@ def _classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str,
         fp = np.sum((pred == c) & (labels != c))
         fn = np.sum((pred != c) & (labels == c))
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return {"accuracy": float(np.mean(pred == labels)), "f1": float(np.mean(f1s))}
+    return {
+        "accuracy": float(np.mean(pred == labels)),
+        "f1": float(np.mean(f1s)),
+        "eval_loss": float(nll.mean()),
+    }
 
 
 @torch.no_grad()
@@ -325,7 +389,7 @@ def _run(
 
         inner = CausalCollator(tokenizer)
     collator = _CountingCollator(inner)
-    recorder = _Recorder(trial.id, progress, adalora=ad["method"] == "adalora")
+    recorder = _Recorder(trial.id, progress, adalora=ad if ad["method"] == "adalora" else None)
     trainer = Trainer(
         model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=[recorder]
     )
@@ -340,14 +404,15 @@ def _run(
     if recorder.diverged_at is not None:
         result.metrics.update(train_seconds=monitor.timings["train"])
         raise Diverged(f"training loss became non-finite at step {recorder.diverged_at}")
-    examples, tokens = collator.examples, collator.tokens
+    examples, tokens = collator.consumed(
+        trainer.state.global_step * args.gradient_accumulation_steps
+    )
 
     # -- evaluate
     with monitor.timer("eval"):
         if task == "classification":
             pred = trainer.predict(eval_ds)
             metrics = _classification_metrics(pred.predictions, pred.label_ids)
-            metrics["eval_loss"] = float(pred.metrics["test_loss"])
         else:
             metrics = _causal_eval(trainer, eval_ds)
     if not all(math.isfinite(v) for v in metrics.values()):
@@ -369,9 +434,14 @@ def _run(
         total_params=float(total),
         trainable_percent=100.0 * trainable / total,
         adapter_bytes=float(sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())),
-        lora_scale=float(ad["scale"]),
     )
+    # the scale read back from the model; one number unless a rank pattern gives groups their own
+    scales = lora_scales(model)
+    result.artifacts["lora_scales"] = scales
+    if len(set(scales.values())) == 1:
+        m["lora_scale"] = next(iter(scales.values()))
     if ad["method"] == "adalora":
+        # peft counts init_r everywhere; what the run ends with is the allocated ranks
         ranks, allocated = adalora_allocation(model)
         non_lora = trainable - sum(
             p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n

@@ -1,0 +1,113 @@
+"""Spec parsing, validation messages and plan expansion (no training)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import tiny_classification_spec
+
+from lorasweep.spec import SpecError, parse_spec, plan, resolve_alpha
+from lorasweep.validate import check_spec
+
+DEMO = {
+    "name": "demo",
+    "task": "classification",
+    "model": "builtin:minilm-l6",
+    "dataset": {"source": "builtin:rotten-tomatoes", "max_length": 64},
+    "training": {"learning_rate": 2e-3, "max_steps": 80},
+    "lora": {"target_modules": ["query", "value"], "alpha": 16, "dropout": 0.1},
+    "grid": {"rank": [2, 8, 32]},
+    "seeds": [0, 1, 2],
+}
+
+
+def errors_of(data: dict, check: bool = False) -> list[str]:
+    with pytest.raises(SpecError) as exc:
+        spec = parse_spec(data)
+        if check:
+            check_spec(spec, device="cpu")
+    return exc.value.errors
+
+
+def test_issue_shape_parses_and_plans_rank_by_seed():
+    spec = parse_spec(DEMO)
+    trials = plan(spec)
+    assert [(t.rank, t.seed) for t in trials] == [(r, s) for r in (2, 8, 32) for s in (0, 1, 2)]
+    assert len({t.id for t in trials}) == 9  # ids are unique
+
+
+def test_trial_ids_are_stable_and_change_with_config():
+    a = plan(parse_spec(DEMO))
+    b = plan(parse_spec({**DEMO, "name": "renamed"}))
+    assert [t.id for t in a] == [t.id for t in b]  # the sweep's name is not part of identity
+    c = plan(parse_spec({**DEMO, "training": {"learning_rate": 1e-3, "max_steps": 80}}))
+    assert not {t.id for t in a} & {t.id for t in c}
+
+
+def test_all_errors_reported_at_once_with_key_and_value():
+    bad = {**DEMO, "grid": {"rank": [8, 0]}, "colour": "red",
+           "lora": {"alpha": "triple", "dropout": 0.1}}
+    errs = errors_of(bad)
+    assert len(errs) == 3
+    assert any(e.startswith("colour: unknown key") and "'red'" in e for e in errs)
+    assert any(e.startswith("grid.rank") and "0" in e for e in errs)
+    assert any(e.startswith("lora.alpha") and "triple" in e for e in errs)
+
+
+def test_missing_required_key():
+    data = dict(DEMO)
+    del data["model"]
+    assert errors_of(data) == ["model: required key is missing"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "r", "alpha", "scale", "rslora"),
+    [(16, 8, 16.0, 2.0, False), ("rank", 8, 8.0, 1.0, False), ("2*rank", 4, 8.0, 2.0, False),
+     ("rslora", 16, 16.0, 4.0, True), ("rslora:8", 4, 8.0, 4.0, True)],
+)
+def test_alpha_policies(policy, r, alpha, scale, rslora):
+    name, a, rs, sc = resolve_alpha(policy, r)
+    assert (a, rs) == (alpha, rslora)
+    assert math.isclose(sc, scale)
+
+
+def test_variants_cross_grid_or_stand_alone():
+    spec = parse_spec({
+        **DEMO, "seeds": [0],
+        "variants": {"B-FP": {}, "B-Ada": {"method": "adalora", "init_r": 12, "target_r": 8},
+                     "Joint-3": {"rank_pattern": {"attention": 6, "mlp": 10}},
+                     "rs": {"alpha": "rslora"}},
+    })
+    rows = [(t.variant, t.rank) for t in plan(spec)]
+    assert rows == [("B-FP", 2), ("B-FP", 8), ("B-FP", 32), ("B-Ada", 8), ("Joint-3", None),
+                    ("rs", 2), ("rs", 8), ("rs", 32)]
+    rs = [t for t in plan(spec) if t.variant == "rs"]
+    assert rs[0].config["adapter"]["use_rslora"] is True
+    assert rs[0].config["adapter"]["alpha_policy"] == "rslora:16"
+
+
+def test_adalora_validation_lines():
+    errs = errors_of({**DEMO, "variants": {"a": {"method": "adalora", "init_r": 4,
+                                                  "target_r": 8}}})
+    assert len(errs) == 1 and "variants.a" in errs[0] and "init_r=4" in errs[0]
+    errs = errors_of({**DEMO, "variants": {"b": {"init_r": 4}}})
+    assert "variants.b" in errs[0] and "init_r=4" in errs[0] and "AdaLoRA" in errs[0]
+
+
+def test_world_checks_before_weights(tiny_bert_dir, tiny_csv, tmp_path):
+    base = tiny_classification_spec(tiny_bert_dir, tiny_csv)
+    check_spec(parse_spec(base), device="cpu")  # the good spec passes
+    missing = {**base, "dataset": {**base["dataset"], "source": str(tmp_path / "nope.csv")}}
+    assert errors_of(missing, check=True) == [
+        f"dataset.source: file not found: {str(tmp_path / 'nope.csv')!r}"]
+    nolabel = {**base, "dataset": {**base["dataset"], "label_column": "sentiment"}}
+    (err,) = errors_of(nolabel, check=True)
+    assert err.startswith("dataset.label_column: column 'sentiment' not in")
+    badmod = {**base, "lora": {**base["lora"], "target_modules": ["query", "q_proj"]}}
+    (err,) = errors_of(badmod, check=True)
+    assert err.startswith("lora.target_modules:") and "q_proj" in err
+    badarg = {**base, "training": {**base["training"], "learning_rat": 0.1, "seed": 3}}
+    errs = errors_of(badarg, check=True)
+    assert any("training.learning_rat" in e and "TrainingArguments" in e for e in errs)
+    assert any("training.seed" in e and "seeds" in e for e in errs)
