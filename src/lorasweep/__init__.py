@@ -17,7 +17,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "Results",
     "SpecError",
+    "Sweep",
     "Trial",
     "TrialResult",
     "TrialStatus",
@@ -39,6 +41,10 @@ def __getattr__(name: str) -> Any:
         from lorasweep import sweep
 
         return getattr(sweep, name)
+    if name in ("Sweep", "Results"):
+        from lorasweep import api
+
+        return getattr(api, name)
     if name == "open_store":
         from lorasweep.store import open_store
 

@@ -212,8 +212,8 @@ def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
             for t in store.trials()
             if t["status"] == "complete" and t["artifacts"].get("adapter_dir")
         }
-    if trials.empty:
-        return None
+    if trials.empty or trials["status"].ne("complete").all():
+        return None  # nothing measured yet: `lorasweep status` shows the failures
     sections = []
     if adapters:
         try:

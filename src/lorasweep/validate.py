@@ -153,5 +153,8 @@ def check_spec(spec: SweepSpec, *, device: str | None = None) -> None:
     errors += check_dataset(spec)
     errors += check_variants(spec, device)
     errors += check_model(spec)
+    from lorasweep.tracking import check_tracking
+
+    errors += check_tracking(spec.report_to)
     if errors:
         raise SpecError(errors)

@@ -32,7 +32,8 @@ class RunContext:
         return self.out_dir / "trials" / trial.id
 
     def trial_context(self, threads: int | None = None) -> dict[str, Any]:
-        return {"name": self.name, "threads": threads, **self.extra}
+        return {"name": self.name, "threads": threads, "out_dir": str(self.out_dir),
+                **self.extra}
 
 
 class Backend(Protocol):
