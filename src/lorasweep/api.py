@@ -1,0 +1,341 @@
+"""The notebook API: load a spec, run it, look at the results, with the CLI's own objects.
+
+::
+
+    from lorasweep.api import Sweep, Results
+
+    sweep = Sweep.from_spec("sweep.yaml")        # a path, YAML text or a dict
+    results = sweep.run("runs/demo", jobs=1)      # resumable, like `lorasweep run`
+    results.trials                                # pandas DataFrame, one row per trial
+    results.analysis()                            # dict from lorasweep.stats.analyze
+    print(results.recommendation)                 # one line: the configuration and why
+    results.plot_metric()                         # matplotlib Figure, shown inline in Jupyter
+    results.report()                              # Path of report.html
+
+    Results("runs/demo")                          # an existing run folder, no training
+
+Nothing here computes anything of its own: the store gives the frames (``store.trials_frame``),
+``stats.analyze`` the statistics, ``plots`` the figures and ``sweep.write_run_report`` the report,
+exactly as the command line does.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy imports stay out of `import lorasweep.api`
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from lorasweep.spec import SweepSpec
+    from lorasweep.sweep import SweepOutcome
+
+__all__ = ["Results", "Sweep"]
+
+
+class Sweep:
+    """A parsed sweep spec, ready to run. Use ``Sweep.from_spec``."""
+
+    def __init__(self, spec: SweepSpec):
+        self.spec = spec
+
+    @classmethod
+    def from_spec(cls, source: str | Path | Mapping[str, Any] | SweepSpec) -> Sweep:
+        """Parse a spec from a YAML file path, YAML text, a dict or a ``SweepSpec``.
+
+        Only the shape is checked here (``spec.parse_spec``: every error at once, SpecError);
+        files, columns, training arguments and target modules are checked by ``check()`` and
+        again by ``run()``, before anything trains.
+        """
+        from lorasweep.spec import SweepSpec, parse_spec
+
+        if isinstance(source, SweepSpec):
+            return cls(source)
+        return cls(parse_spec(dict(source) if isinstance(source, Mapping) else source))
+
+    def check(self) -> Sweep:
+        """Check the spec against the world (data file, columns, targets); SpecError if bad."""
+        from lorasweep.validate import check_spec
+
+        check_spec(self.spec)
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def plan(self) -> pd.DataFrame:
+        """The trials the sweep will run: id, variant, rank, seed, label (no training)."""
+        import pandas as pd
+
+        rows = [
+            {
+                "trial_id": t.id,
+                "variant": t.variant,
+                "rank": t.rank,
+                "seed": t.seed,
+                "label": t.label,
+            }
+            for t in self.spec.trials()
+        ]
+        return pd.DataFrame(rows, columns=["trial_id", "variant", "rank", "seed", "label"])
+
+    def to_yaml(self) -> str:
+        """The spec as YAML, defaults left out (what the store records as ``spec_yaml``)."""
+        import yaml
+
+        return yaml.safe_dump(
+            self.spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False
+        )
+
+    def run(
+        self,
+        out_dir: str | Path,
+        *,
+        backend: str = "local",
+        jobs: int = 1,
+        retry: tuple[str, ...] = (),
+        report: bool = True,
+        quiet: bool = False,
+    ) -> Results:
+        """Run (or resume) the sweep into ``out_dir``; finished trials are never run again.
+
+        Args:
+            out_dir: the run folder (store, adapters, report), as ``lorasweep run --out``.
+            backend: "local" (a fresh process per trial: clean memory figures) or "inprocess"
+                (trials in this process: fastest start, memory peaks approximate), or "ray".
+            jobs: trials at once (local backend; one GPU each).
+            retry: statuses to run again: "failed", "oom".
+            report: write ``out_dir/report.html`` at the end.
+            quiet: no progress lines.
+        """
+        from lorasweep.sweep import run_sweep
+
+        outcome = run_sweep(
+            self.spec,
+            out_dir,
+            backend=backend,
+            jobs=jobs,
+            retry=tuple(retry),
+            report=report,
+            quiet=quiet,
+        )
+        return Results(outcome.out_dir, outcome=outcome)
+
+    def _repr_html_(self) -> str:
+        n = len(self.spec.trials())
+        return (
+            f"<p><b>Sweep {html.escape(self.name)}</b>: {html.escape(self.spec.task)} on "
+            f"<code>{html.escape(self.spec.model)}</code>, {n} trials</p>"
+            + self.plan().to_html(index=False)
+        )
+
+    def __repr__(self) -> str:
+        return f"Sweep({self.name!r}, task={self.spec.task!r}, trials={len(self.spec.trials())})"
+
+
+class Results:
+    """The results in a run folder: frames, statistics, figures and the report.
+
+    Every property reads the store again, so a ``Results`` of a running sweep stays current.
+    """
+
+    def __init__(self, out_dir: str | Path, *, outcome: SweepOutcome | None = None):
+        from lorasweep.store import open_store
+
+        self.out_dir = Path(out_dir)
+        self.outcome = outcome
+        open_store(self.out_dir).close()  # FileNotFoundError now, not at first use
+
+    # -- data
+    def _store(self) -> Any:
+        from lorasweep.store import open_store
+
+        return open_store(self.out_dir)
+
+    @property
+    def trials(self) -> pd.DataFrame:
+        """One row per trial: id, label, status, variant, rank, seed, config columns, metrics."""
+        with self._store() as store:
+            return store.trials_frame()
+
+    @property
+    def curves(self) -> pd.DataFrame:
+        """``trial_id, curve, step, value`` rows (the training loss curve of every trial)."""
+        with self._store() as store:
+            return store.curves_frame()
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What the sweep recorded about itself: name, task, spec, spec_yaml."""
+        with self._store() as store:
+            return store.meta()
+
+    # -- statistics
+    def analysis(self, **kwargs: Any) -> dict[str, Any]:
+        """``stats.analyze`` of the trials; keyword arguments as there (metric, direction, by,
+        cost, tolerance, memory_budget_gb, alpha)."""
+        from lorasweep.stats import analyze
+
+        return analyze(self.trials, **kwargs)
+
+    def summary(self, **kwargs: Any) -> pd.DataFrame:
+        """One row per configuration: n, mean, std, 95% CI, adjusted p-value and cost of the
+        metric, marked best / recommended (the table ``format_analysis`` prints)."""
+        import pandas as pd
+
+        from lorasweep.stats import group_label
+
+        result = self.analysis(**kwargs)
+        best = (result.get("best") or {}).get("key")
+        rec = (result.get("recommended") or {}).get("key")
+        rows = []
+        for g in result["groups"]:
+            ci = g.get("ci95") or (None, None)
+            rows.append(
+                {
+                    "config": group_label(g["key"]),
+                    **g["key"],
+                    "n": g["n"],
+                    "mean": g["mean"],
+                    "std": g["std"],
+                    "ci_lo": ci[0],
+                    "ci_hi": ci[1],
+                    "p_adjusted": g.get("p_adjusted"),
+                    "cost": g.get("cost"),
+                    "best": g["key"] == best,
+                    "recommended": g["key"] == rec,
+                }
+            )
+        df = pd.DataFrame(rows)
+        df.attrs.update(metric=result["metric"], direction=result["direction"])
+        return df
+
+    @property
+    def recommendation(self) -> str:
+        """The recommended configuration and the reason, as one paragraph of text."""
+        from lorasweep.stats import group_label
+
+        try:
+            result = self.analysis()
+        except ValueError as e:
+            return f"No recommendation: {e}"
+        rec = result.get("recommended")
+        if not rec:
+            return f"No recommendation. {result['reason']}"
+        return f"{group_label(rec['key'])}: {result['reason']}"
+
+    def format(self, **kwargs: Any) -> str:
+        """The plain-text analysis the CLI prints (``stats.format_analysis``)."""
+        from lorasweep.stats import format_analysis
+
+        return format_analysis(self.analysis(**kwargs))
+
+    # -- figures (lorasweep.plots renderers; each returns a matplotlib Figure)
+    def _metric(self, metric: str | None) -> str:
+        from lorasweep.stats import resolve_metric
+
+        return resolve_metric(self.trials, metric)
+
+    def plot_metric(self, metric: str | None = None, direction: str | None = None) -> Figure:
+        """Mean metric per rank with 95% CI error bars, one line per variant."""
+        from lorasweep import plots
+
+        trials = self.trials
+        metric = self._metric(metric)
+        fig = plots.plot_metric_vs_rank(
+            plots.metric_vs_rank_data(trials, metric), metric, direction
+        )
+        return _inline(fig)
+
+    def plot_time(self, column: str = "train_seconds") -> Figure:
+        """Training-loop wall time per rank (mean, 95% CI)."""
+        from lorasweep import plots
+
+        return _inline(plots.plot_time_vs_rank(plots.time_vs_rank_data(self.trials, column)))
+
+    def plot_memory(self, gpu_limits_gb: tuple[float, ...] = (24, 40, 80)) -> Figure:
+        """Peak memory per rank (GPU allocated when measured, else CPU RSS), in GiB."""
+        from lorasweep import plots
+
+        return _inline(
+            plots.plot_memory_vs_rank(plots.memory_vs_rank_data(self.trials), gpu_limits_gb)
+        )
+
+    def plot_pareto(
+        self, metric: str | None = None, cost: str = "train_seconds", direction: str | None = None
+    ) -> Figure:
+        """Mean metric vs mean cost per configuration, the Pareto front highlighted."""
+        from lorasweep import plots
+
+        metric = self._metric(metric)
+        data = plots.pareto_data(self.trials, metric, cost, direction)
+        return _inline(plots.plot_pareto(data, metric, cost))
+
+    def plot_efficiency(self, metric: str | None = None, direction: str | None = None) -> Figure:
+        """Metric per training hour per rank."""
+        from lorasweep import plots
+
+        metric = self._metric(metric)
+        return _inline(plots.plot_efficiency(plots.efficiency_data(self.trials, metric, direction)))
+
+    def plot_loss_curves(self, curve: str = "train_loss") -> Figure:
+        """Training loss per step, averaged over seeds, one line per configuration."""
+        from lorasweep import plots
+
+        data = plots.loss_curves_data(self.trials, self.curves, curve)
+        return _inline(plots.plot_loss_curves(data, curve))
+
+    # -- report
+    def report(self, **kwargs: Any) -> Path:
+        """(Re)write ``out_dir/report.html`` and return its path; keyword arguments go to
+        ``report.build_report`` (``analysis_kwargs``, ``gpu_limits_gb``)."""
+        from lorasweep.sweep import write_run_report
+
+        path = write_run_report(self.out_dir, **kwargs)
+        if path is None:
+            raise ValueError(f"no trials recorded in {self.out_dir}")
+        return path
+
+    # -- display
+    def _repr_html_(self) -> str:
+        trials = self.trials
+        counts = trials["status"].value_counts().to_dict() if not trials.empty else {}
+        status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials"
+        name = html.escape(str(self.meta.get("name") or self.out_dir.name))
+        where = html.escape(str(self.out_dir))
+        head = f"<p><b>lorasweep results {name}</b> ({where}): {status}</p>"
+        try:
+            table = self.summary()
+        except ValueError as e:
+            return head + f"<p>No analysis: {html.escape(str(e))}</p>"
+        if table.empty:
+            return head + f"<p>{html.escape(self.recommendation)}</p>"
+        shown = table[["config", "n", "mean", "std", "ci_lo", "ci_hi", "p_adjusted", "cost"]]
+        metric = html.escape(f"{table.attrs['metric']} ({table.attrs['direction']} is better)")
+        return (
+            head
+            + f"<p>{metric}</p>"
+            + shown.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-")
+            + f"<p><b>Recommendation</b>: {html.escape(self.recommendation)}</p>"
+        )
+
+    def __repr__(self) -> str:
+        return f"Results({str(self.out_dir)!r})"
+
+
+def _inline(fig: Figure) -> Figure:
+    """Make a Figure built without pyplot show itself in Jupyter (as PNG) when it is the last
+    expression of a cell, whatever matplotlib backend is active."""
+
+    def _repr_png_() -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        return buf.getvalue()
+
+    fig._repr_png_ = _repr_png_  # type: ignore[attr-defined]
+    return fig

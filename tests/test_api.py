@@ -1,0 +1,157 @@
+"""The notebook API (lorasweep.api): spec in, Results out, with the CLI's own objects; and the
+notebook-style example executed end to end on a tiny model."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from matplotlib.figure import Figure
+
+from lorasweep.api import Results, Sweep
+from lorasweep.spec import SpecError, SweepSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _spec(model: Path, csv: Path) -> dict:
+    return {
+        "name": "api",
+        "task": "classification",
+        "model": str(model),
+        "dataset": {"source": str(csv), "max_length": 32, "max_eval_examples": 24},
+        "training": {"learning_rate": 1e-3, "per_device_train_batch_size": 8, "max_steps": 3},
+        "lora": {"target_modules": ["query", "value"], "alpha": "2*rank", "dropout": 0.0},
+        "grid": {"rank": [2, 4]},
+        "seeds": [0, 1],
+    }
+
+
+@pytest.fixture(scope="module")
+def results(
+    tiny_bert_dir: Path, tiny_csv: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Results:
+    out = tmp_path_factory.mktemp("api") / "run"
+    return Sweep.from_spec(_spec(tiny_bert_dir, tiny_csv)).run(out, backend="inprocess", quiet=True)
+
+
+def test_from_spec_accepts_dict_yaml_text_path_and_spec(tmp_path: Path) -> None:
+    d = _spec(tmp_path / "model", tmp_path / "d.csv")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(d))
+    sweeps = [
+        Sweep.from_spec(d),
+        Sweep.from_spec(yaml.safe_dump(d)),
+        Sweep.from_spec(path),
+        Sweep.from_spec(str(path)),
+    ]
+    sweeps.append(Sweep.from_spec(sweeps[0].spec))
+    assert all(isinstance(s.spec, SweepSpec) for s in sweeps)
+    assert all(s.spec == sweeps[0].spec for s in sweeps)
+    assert yaml.safe_load(sweeps[0].to_yaml())["grid"] == {"rank": [2, 4]}
+    plan = sweeps[0].plan()
+    assert list(plan.columns) == ["trial_id", "variant", "rank", "seed", "label"]
+    assert plan["label"].tolist() == [
+        "lora/r=2/seed=0",
+        "lora/r=2/seed=1",
+        "lora/r=4/seed=0",
+        "lora/r=4/seed=1",
+    ]
+    assert "4 trials" in sweeps[0]._repr_html_()
+
+
+def test_from_spec_reports_every_error_at_once() -> None:
+    with pytest.raises(SpecError) as e:
+        Sweep.from_spec({"task": "regression", "model": "m", "dataset": {}, "seeds": []})
+    keys = {line.split(":")[0] for line in e.value.errors}
+    assert {"task", "dataset.source", "seeds"} <= keys
+
+
+def test_results_frames_are_the_stores(results: Results) -> None:
+    from lorasweep.store import open_store
+
+    df = results.trials
+    assert isinstance(df, pd.DataFrame) and len(df) == 4
+    assert set(df["status"]) == {"complete"}
+    assert {"accuracy", "f1", "train_seconds", "trainable_params"} <= set(df.columns)
+    with open_store(results.out_dir) as store:
+        pd.testing.assert_frame_equal(df, store.trials_frame())
+    assert set(results.curves["curve"]) == {"train_loss"}
+    assert results.meta["name"] == "api"
+    assert results.outcome is not None and results.outcome.ran == 4
+
+
+def test_analysis_and_recommendation_match_the_cli(results: Results) -> None:
+    from lorasweep.stats import analyze, format_analysis, group_label
+
+    a = results.analysis()
+    assert a == analyze(results.trials)
+    assert results.format() == format_analysis(a)
+    assert results.analysis(metric="f1")["metric"] == "f1"
+    rec = results.recommendation
+    assert rec.startswith(group_label(a["recommended"]["key"]) + ": ")
+    summary = results.summary()
+    assert summary["config"].tolist() == [group_label(g["key"]) for g in a["groups"]]
+    assert summary["recommended"].sum() == 1 and summary["best"].sum() == 1
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "plot_metric",
+        "plot_time",
+        "plot_memory",
+        "plot_pareto",
+        "plot_efficiency",
+        "plot_loss_curves",
+    ],
+)
+def test_plots_are_figures_that_show_inline(results: Results, method: str) -> None:
+    fig = getattr(results, method)()
+    assert isinstance(fig, Figure)
+    assert fig.axes and fig.axes[0].get_title(loc="left")
+    assert fig._repr_png_().startswith(PNG)  # what Jupyter displays
+
+
+def test_plot_metric_draws_one_point_per_rank(results: Results) -> None:
+    fig = results.plot_metric("accuracy")
+    line = fig.axes[0].get_lines()[0]  # the mean line (error-bar caps follow)
+    assert list(line.get_xdata()) == [2, 4]
+
+
+def test_report_and_html_summary(results: Results) -> None:
+    path = results.report()
+    assert path == results.out_dir / "report.html" and path.stat().st_size > 1000
+    html = results._repr_html_()
+    assert "<table" in html and "4 complete" in html
+    assert "lora r=2" in html or "lora/r=2" in html or "r=2" in html
+    assert "Recommendation" in html
+
+
+def test_results_of_a_missing_run_fails_at_once(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no lorasweep run"):
+        Results(tmp_path / "nothing")
+
+
+def test_notebook_example_runs(
+    tiny_bert_dir: Path, tiny_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/notebook.py, cell by cell as a script, on the tiny model: a DataFrame and a
+    figure come out."""
+    monkeypatch.setenv("LORASWEEP_EXAMPLE_MODEL", str(tiny_bert_dir))
+    monkeypatch.setenv("LORASWEEP_EXAMPLE_DATA", str(tiny_csv))
+    monkeypatch.setenv("LORASWEEP_EXAMPLE_OUT", str(tmp_path / "nb"))
+    monkeypatch.setenv("LORASWEEP_EXAMPLE_BACKEND", "inprocess")
+    monkeypatch.setenv("LORASWEEP_EXAMPLE_STEPS", "2")
+    ns = runpy.run_path(str(ROOT / "examples" / "notebook.py"), run_name="__main__")
+    df, fig = ns["df"], ns["fig"]
+    assert isinstance(df, pd.DataFrame) and len(df) == 6
+    assert set(df["status"]) == {"complete"}
+    assert isinstance(fig, Figure)
+    assert (tmp_path / "nb" / "metric_vs_rank_notebook.png").read_bytes().startswith(PNG)
+    assert (tmp_path / "nb" / "report.html").exists()
+    assert isinstance(ns["summary"], pd.DataFrame) and not ns["summary"].empty
