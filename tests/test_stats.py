@@ -281,3 +281,22 @@ def test_statistician_decision_on_per_seed_csv(tmp_path):
     assert "not significantly worse" in r["reason"] and "paired t (5 seeds)" in r["reason"]
     assert "8->16: +0.02" in r["reason"] and "r=32" in r["reason"]
     assert not any("Single seed" in f for f in r["flags"])
+
+
+def test_time_ties_go_to_fewer_trainable_params():
+    """Wall times within 10% are noise: the smaller adapter is recommended, with the reason."""
+    rows = []
+    for seed, (a4, a16) in enumerate([(0.80, 0.81), (0.81, 0.80), (0.79, 0.80)]):
+        rows.append({"rank": 4, "seed": seed, "accuracy": a4, "train_seconds": 100 + seed,
+                     "trainable_params": 1000})
+        rows.append({"rank": 16, "seed": seed, "accuracy": a16, "train_seconds": 95 + seed,
+                     "trainable_params": 4000})
+    result = analyze(pd.DataFrame(rows))
+    assert result["best"]["key"]["rank"] == 16
+    assert result["recommended"]["key"]["rank"] == 4
+    assert "tie went to fewer trainable parameters" in result["reason"]
+    # beyond the tie band the cheaper time wins again
+    for r in rows:
+        if r["rank"] == 4:
+            r["train_seconds"] = 200
+    assert analyze(pd.DataFrame(rows))["recommended"]["key"]["rank"] == 16

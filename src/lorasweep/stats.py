@@ -39,6 +39,10 @@ __all__ = [
 ]
 
 ALPHA = 0.05
+# Measured costs (seconds, bytes) closer than this fraction of the cheapest candidate are a tie:
+# wall time on a shared machine jitters by more than the real difference between small ranks.
+# Ties go to the configuration with fewer trainable parameters (then the lower rank).
+COST_TIE = 0.10
 # Below this many pairs a rank test (Wilcoxon signed-rank) cannot reach p < 0.05 two-sided.
 MIN_N_RANK_TEST = 6
 # A paired t on 2 seeds has 1 degree of freedom (critical t = 12.7): with fewer common seeds
@@ -337,9 +341,37 @@ def _groups(
                 "_seeds": seeds,
                 "_values": [float(x) for x in v],
                 "_mem": _py(mem_v),
+                "_params": _py(pd.to_numeric(g.get("trainable_params"), errors="coerce").mean())
+                if "trainable_params" in g
+                else None,
+                "_rank": _py(pd.to_numeric(g.get("rank"), errors="coerce").mean())
+                if "rank" in g
+                else None,
             }
         )
     return out
+
+
+def _cheapest(candidates: list[dict], sign: float) -> dict | None:
+    """The cheapest candidate; costs within COST_TIE of the cheapest count as equal, and
+    equal costs go to fewer trainable parameters, then the lower rank, then the better mean."""
+    if not candidates:
+        return None
+    costs = [g["cost"] for g in candidates if g["cost"] is not None]
+    floor = min(costs) if costs else None
+
+    def key(g: dict) -> tuple:
+        c = g["cost"] if g["cost"] is not None else math.inf
+        tied = floor is not None and c <= floor * (1 + COST_TIE) + 1e-12
+        nan_last = lambda v: v if v is not None and v == v else math.inf  # noqa: E731
+        return (
+            floor if tied else c,
+            nan_last(g["_params"]),
+            nan_last(g["_rank"]),
+            -sign * g["mean"],
+        )
+
+    return min(candidates, key=key)
 
 
 def _public(g: dict | None) -> dict | None:
@@ -438,20 +470,19 @@ def analyze(
             memory_budget_gb is None or g["_mem"] is None or g["_mem"] <= memory_budget_gb * 1024**3
         )
     candidates = [g for g in groups if g["_ok"] and g["_fits"]]
-    recommended = (
-        min(
-            candidates,
-            key=lambda g: (g["cost"] if g["cost"] is not None else math.inf, -sign * g["mean"]),
-        )
-        if candidates
-        else None
-    )
+    recommended = _cheapest(candidates, sign)
 
     flags += advice.group_flags(groups, best, metric, cols)
     if memory_budget_gb is not None and mem is None:
         flags.append("A memory budget was given but no memory was measured; it was not applied.")
     ctx = advice.Context(metric, direction, cost, mem, tolerance, memory_budget_gb, alpha)
     reason = advice.reason(groups, best, recommended, ctx)
+    cheapest = min((g["cost"] for g in candidates if g["cost"] is not None), default=None)
+    if recommended is not None and cheapest is not None and (recommended["cost"] or 0) > cheapest:
+        reason += (
+            f" Costs within {COST_TIE:.0%} of the cheapest ({cheapest:.4g}) count as equal;"
+            " the tie went to fewer trainable parameters."
+        )
     return {
         "metric": metric,
         "direction": direction,
