@@ -291,7 +291,7 @@ def test_time_ties_go_to_fewer_trainable_params():
                      "trainable_params": 1000})
         rows.append({"rank": 16, "seed": seed, "accuracy": a16, "train_seconds": 95 + seed,
                      "trainable_params": 4000})
-    result = analyze(pd.DataFrame(rows))
+    result = stats.analyze(pd.DataFrame(rows))
     assert result["best"]["key"]["rank"] == 16
     assert result["recommended"]["key"]["rank"] == 4
     assert "tie went to fewer trainable parameters" in result["reason"]
@@ -299,4 +299,4 @@ def test_time_ties_go_to_fewer_trainable_params():
     for r in rows:
         if r["rank"] == 4:
             r["train_seconds"] = 200
-    assert analyze(pd.DataFrame(rows))["recommended"]["key"]["rank"] == 16
+    assert stats.analyze(pd.DataFrame(rows))["recommended"]["key"]["rank"] == 16
