@@ -88,3 +88,20 @@ def test_cli_bad_spec_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines == ["lorasweep: error: grid.rank: rank[0] must be > 0, got 0 (got [0])"]
     assert not (tmp_path / "o").exists()  # nothing created before validation passed
+
+
+def test_dataset_is_tokenized_once_per_sweep(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
+    from lorasweep import data
+
+    calls = []
+    real = data.tokenize_classification
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(data, "tokenize_classification", counting)
+    spec = tiny_classification_spec(tiny_bert_dir, tiny_csv)  # 4 trials
+    run_sweep(spec, tmp_path / "r", backend="inprocess", quiet=True, report=False)
+    assert len(calls) == 1  # the parent tokenizes; every trial loads the cached dataset
+    assert len(list((tmp_path / "r" / "cache").glob("data-*/info.json"))) == 1
