@@ -12,7 +12,13 @@ Public API (the CLI is a thin layer over these)::
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+# bitsandbytes logs a warning on import on CPU about an optional `kernels` package that fetches
+# from a hub; it is harmless and would be printed before every command.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -168,7 +168,24 @@ def load_model(
         raise ModelError(f"model: cannot load {ref!r}: {_first_line(e)}") from None
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
+    if quantization == "4bit" and device == "cpu":
+        _check_cpu_4bit(model, ref)
     return model
+
+
+def _check_cpu_4bit(model: Any, ref: str) -> None:
+    """bitsandbytes' CPU 4-bit kernel packs each weight row in blocks (64 values by default):
+    a layer whose input width is not a multiple of the block fails deep in its forward."""
+    import bitsandbytes as bnb
+
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            block = getattr(module.weight.quant_state, "blocksize", 64)
+            if module.in_features % block:
+                raise ModelError(
+                    f"quantization: 4bit on CPU needs layer input widths that are multiples of "
+                    f"{block}; {name} of {ref!r} has {module.in_features}"
+                )
 
 
 def _bnb_kwargs(task: str, compute_dtype: str | None, device: str) -> dict[str, Any]:
@@ -178,8 +195,15 @@ def _bnb_kwargs(task: str, compute_dtype: str | None, device: str) -> dict[str, 
         raise ModelError("quantization: 4bit needs bitsandbytes: pip install 'lorasweep[quant]'")
     from transformers import BitsAndBytesConfig
 
+    # bf16 compute is the QLoRA default on CUDA; on CPU float32 is both faster and exact
     dtype_name = compute_dtype or ("bfloat16" if device == "cuda" else "float32")
-    skip = ["classifier", "pooler", "score"] if task == "classification" else ["lm_head"]
+    # transformers matches these from the start of a module name or as its suffix (older
+    # versions: as a substring), so BERT's pooler needs its full suffix "pooler.dense"
+    skip = (
+        ["classifier", "pre_classifier", "score", "pooler", "pooler.dense"]
+        if task == "classification"
+        else ["lm_head"]
+    )
     return {
         "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorasweep.results import Trial
 
@@ -95,9 +95,13 @@ class AdapterSpec(_Strict):
     target_r: int | None = Field(None, gt=0)
     """AdaLoRA: average target rank after pruning."""
     tinit: int | None = Field(None, ge=0)
-    tfinal: int | None = Field(None, ge=0)
+    """AdaLoRA: warm-up steps at init_r before pruning starts (default: 1/5 of the steps)."""
+    tfinal: int | None = Field(None, gt=0)
+    """AdaLoRA: final steps at the allocated ranks (default: 1/3 of the steps, at least 1)."""
     deltaT: int | None = Field(None, gt=0)
+    """AdaLoRA: steps between two re-allocations during pruning."""
     orth_reg_weight: float | None = Field(None, ge=0)
+    """AdaLoRA: weight of the orthogonality penalty added to the training loss (default 0.5)."""
     training: dict[str, Any] | None = None
     """TrainingArguments overrides for this variant (e.g. a learning rate)."""
 
@@ -119,25 +123,6 @@ class AdapterSpec(_Strict):
             if r <= 0:
                 raise ValueError(f"rank for {k!r} must be > 0, got {r}")
         return v
-
-    @model_validator(mode="after")
-    def _adalora(self) -> AdapterSpec:
-        ada_keys = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "orth_reg_weight")
-        if self.method != "adalora":
-            bad = [k for k in ada_keys if getattr(self, k) is not None]
-            if bad:
-                raise ValueError(
-                    f"{bad[0]}={getattr(self, bad[0])} is an AdaLoRA key but method is "
-                    f"{self.method or 'lora'!r}"
-                )
-        elif self.init_r is not None and self.target_r is not None and self.target_r > self.init_r:
-            raise ValueError(
-                f"AdaLoRA needs target_r <= init_r, got init_r={self.init_r}, "
-                f"target_r={self.target_r}"
-            )
-        if self.method == "adalora" and self.rank_pattern:
-            raise ValueError("rank_pattern cannot be combined with method adalora")
-        return self
 
 
 class GridSpec(_Strict):
@@ -246,9 +231,123 @@ def parse_spec(data: dict[str, Any] | str | Path) -> SweepSpec:
     if not isinstance(data, dict):
         raise SpecError([f"spec: must be a mapping of keys, got {type(data).__name__}"])
     try:
-        return SweepSpec.model_validate(data)
+        spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(_pydantic_errors(exc)) from None
+    errors = variant_errors(spec)
+    if errors:
+        raise SpecError(errors)
+    return spec
+
+
+# --------------------------------------------------------------------------------------------
+# Variants: which keys each method understands, checked on the merged settings
+
+ADALORA_KEYS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "orth_reg_weight")
+NOT_ADALORA_KEYS = {
+    "rank": "AdaLoRA sets ranks with init_r and target_r",
+    "rank_pattern": "AdaLoRA allocates the ranks itself",
+    "alpha_pattern": "AdaLoRA has one alpha",
+}
+
+
+def variant_errors(spec: SweepSpec) -> list[str]:
+    """One line per variant setting that its method does not understand or cannot run.
+
+    Checked on each variant merged over ``lora:``, so a default that a variant inherits is
+    checked against the variant's method; the line names where the key was set.
+    """
+    errors = []
+    variants = spec.variants or {"lora": AdapterSpec()}
+    for vname, vspec in variants.items():
+        ad = merge_adapter(spec.lora, vspec)
+        method = ad.get("method", "lora")
+
+        def where(k: str, vname: str = vname, vspec: AdapterSpec = vspec) -> str:
+            if spec.variants is None or k not in vspec.model_fields_set:
+                return f"lora.{k}" if spec.variants is None else f"variants.{vname}.{k} (from lora)"
+            return f"variants.{vname}.{k}"
+
+        if method != "adalora":
+            errors += [
+                f"{where(k)}: {k}={ad[k]} is an AdaLoRA key but method is {method!r}"
+                for k in ADALORA_KEYS
+                if k in ad
+            ]
+        else:
+            errors += [
+                f"{where(k)}: {k}={ad[k]!r} cannot be used with method adalora ({why})"
+                for k, why in NOT_ADALORA_KEYS.items()
+                if k in ad
+            ]
+            if str(ad.get("alpha", "")).startswith("rslora"):
+                errors.append(
+                    f"{where('alpha')}: alpha={ad['alpha']!r} cannot be used with method "
+                    "adalora (peft's AdaLoRA scales by alpha/r only); use a number, rank or 2*rank"
+                )
+            init_r, target_r = ad.get("init_r", 12), ad.get("target_r", 8)
+            if target_r > init_r:
+                errors.append(
+                    f"{where('target_r')}: AdaLoRA needs target_r <= init_r, got "
+                    f"init_r={init_r}, target_r={target_r}"
+                )
+            training = {**spec.training, **(ad.get("training") or {})}
+            steps = training.get("max_steps")
+            if isinstance(steps, int) and steps > 0:
+                try:
+                    adalora_schedule(steps, ad.get("tinit"), ad.get("tfinal"), ad.get("deltaT"))
+                except ValueError as e:
+                    errors.append(f"variants.{vname}: {e}" if spec.variants else f"lora: {e}")
+        if "compute_dtype" in ad and ad.get("quantization") is None:
+            errors.append(
+                f"{where('compute_dtype')}: compute_dtype={ad['compute_dtype']!r} only applies "
+                "to quantization: 4bit"
+            )
+        if "rank" in ad and "rank_pattern" in ad:
+            errors.append(
+                f"{where('rank')}: rank={ad['rank']} and a rank_pattern cannot both be set "
+                "(the pattern gives every targeted module its rank)"
+            )
+        if "rank_pattern" in ad and "target_modules" in vspec.model_fields_set:
+            errors.append(
+                f"{where('target_modules')}: a rank_pattern variant targets the groups or "
+                "suffixes its pattern names; drop target_modules"
+            )
+        if "alpha_pattern" in ad and "rank_pattern" not in ad:
+            errors.append(
+                f"{where('alpha_pattern')}: alpha_pattern needs a rank_pattern naming the same "
+                "groups"
+            )
+    return errors
+
+
+def adalora_schedule(
+    total_step: int, tinit: int | None, tfinal: int | None, delta_t: int | None
+) -> tuple[int, int, int]:
+    """(tinit, tfinal, deltaT) of AdaLoRA's budget schedule for a run of ``total_step`` steps.
+
+    peft calls ``update_and_allocate(step)`` with steps 0..total_step-1: ranks stay at init_r
+    up to ``tinit``, shrink on a cubic schedule every ``deltaT`` steps, are fixed at step
+    ``total_step - tfinal`` and stay masked until the end. That needs tfinal >= 1 (else the
+    final allocation never happens) and tinit < total_step - tfinal (a pruning phase).
+    Defaults scale with the run: 1/5 warm-up, 1/3 final, about 10 re-allocations between.
+
+    Raises:
+        ValueError: the run is too short, or the given values leave no pruning phase.
+    """
+    if total_step < 2:
+        raise ValueError(f"AdaLoRA needs at least 2 training steps, got {total_step}")
+    final = tfinal if tfinal is not None else max(1, total_step // 3)
+    init = tinit if tinit is not None else total_step // 5
+    if tinit is None and init >= total_step - final:
+        init = max(0, total_step - final - 1)
+    if init >= total_step - final:
+        raise ValueError(
+            f"AdaLoRA needs tinit + tfinal < the number of training steps, got tinit={init}, "
+            f"tfinal={final}, steps={total_step}"
+        )
+    delta = delta_t or max(1, (total_step - final - init) // 10)
+    return init, final, delta
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +400,6 @@ def adapter_config(adapter: dict[str, Any], r: int | None) -> dict[str, Any]:
     if method == "adalora":
         init_r = adapter.get("init_r", 12)
         target_r = adapter.get("target_r", 8)
-        r_for_alpha = init_r
         out.update(
             init_r=init_r,
             target_r=target_r,
@@ -310,7 +408,7 @@ def adapter_config(adapter: dict[str, Any], r: int | None) -> dict[str, Any]:
             deltaT=adapter.get("deltaT"),
             orth_reg_weight=adapter.get("orth_reg_weight", 0.5),
         )
-        r = target_r
+        r_for_alpha = init_r  # peft's AdaLoRA scales by alpha / init_r, also after pruning
     else:
         pattern = adapter.get("rank_pattern")
         r = adapter.get("rank") or r
@@ -320,7 +418,33 @@ def adapter_config(adapter: dict[str, Any], r: int | None) -> dict[str, Any]:
         r_for_alpha = r
     policy, alpha, rslora, scale = resolve_alpha(adapter.get("alpha"), r_for_alpha)
     out.update(alpha_policy=policy, alpha=alpha, use_rslora=rslora, scale=scale)
+    if out.get("rank_pattern"):
+        out.update(_pattern_alphas(adapter.get("alpha"), out["rank_pattern"], out["alpha_pattern"]))
     return out
+
+
+def _pattern_alphas(
+    policy: AlphaPolicy | None, ranks: dict[str, int], explicit: dict[str, float] | None
+) -> dict[str, Any]:
+    """Per-group alpha and scale of a rank pattern under an alpha policy.
+
+    ``rank`` and ``2*rank`` follow each group's rank (the scale is the same everywhere);
+    a fixed alpha and rsLoRA keep one alpha, so the scale differs per group. An explicit
+    ``alpha_pattern`` entry wins over the policy. ``scale`` is None when groups differ.
+    """
+    alphas, scales = {}, {}
+    for group, r in ranks.items():
+        _, a, rslora, sc = resolve_alpha(policy, r)
+        if explicit and group in explicit:
+            a = float(explicit[group])
+            sc = a / math.sqrt(r) if rslora else a / r
+        alphas[group], scales[group] = a, sc
+    uniform = len(set(scales.values())) == 1
+    return {
+        "alpha_pattern": alphas,
+        "scale_pattern": scales,
+        "scale": next(iter(scales.values())) if uniform else None,
+    }
 
 
 def plan(spec: SweepSpec) -> list[Trial]:

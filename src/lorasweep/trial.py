@@ -33,7 +33,6 @@ from lorasweep.results import Trial, TrialResult, TrialStatus
 from lorasweep.spec import adalora_schedule
 
 ProgressFn = Callable[[str, int, int], None]  # (trial_id, step, max_steps)
-GROUPS = ("attention", "mlp", "all-linear")
 
 
 class Diverged(RuntimeError):
