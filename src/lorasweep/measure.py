@@ -164,10 +164,11 @@ def environment(device: str) -> dict[str, Any]:
         env["cuda"] = torch.version.cuda
     elif device == "mps":
         env["device_name"] = "Apple MPS"
-    try:
-        import bitsandbytes
+    from importlib.metadata import PackageNotFoundError, version
 
-        env["bitsandbytes"] = bitsandbytes.__version__
-    except Exception:  # noqa: BLE001 - optional; any import failure just means absent
-        pass
+    for optional in ("bitsandbytes", "accelerate", "datasets"):
+        try:  # the version without importing (bitsandbytes takes seconds to import)
+            env[optional] = version(optional)
+        except PackageNotFoundError:
+            pass
     return env

@@ -8,7 +8,6 @@ of an exception, so a sweep never loses a night to one bad trial.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import traceback
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from transformers import (
 )
 
 from lorasweep import data as data_mod
-from lorasweep import models
+from lorasweep import models, tracking
 from lorasweep.measure import Monitor, environment
 from lorasweep.results import Trial, TrialResult, TrialStatus
 from lorasweep.spec import adalora_schedule
@@ -285,7 +284,7 @@ def _training_args(trial: Trial, workdir: Path, device: str, context: dict[str, 
         seed=trial.seed,
         data_seed=trial.seed,
         report_to=report_to,
-        run_name=f"{context.get('name', 'sweep')}/{trial.label}",
+        run_name=_run_name(trial, context),
         save_strategy="no",
         eval_strategy="no",
         disable_tqdm=True,
@@ -326,6 +325,16 @@ def train_trial(
         result.error = "\n".join(tb[-12:])
         result.metrics.update(monitor.metrics())
     finally:
+        if tracking.active(trial.config.get("report_to")):
+            # lorasweep's own metrics (accuracy, memory, times) go to the trial's run too
+            tracking.log_final_metrics(
+                trial.config["report_to"],
+                _run_name(trial, context),
+                result.metrics,
+                status=result.status.value,
+                tags={"lorasweep.trial_id": trial.id},
+                tensorboard_root=_tensorboard_root(workdir, context),
+            )
         shutil.rmtree(workdir / "hf", ignore_errors=True)
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -349,7 +358,12 @@ def _run(
     cfg, ad, task = trial.config, trial.config["adapter"], trial.config["task"]
     if context.get("threads"):
         torch.set_num_threads(int(context["threads"]))
-    _tracking_env(cfg, context)
+    tracking.configure(
+        cfg.get("report_to"),
+        sweep=context.get("name", "sweep"),
+        run_name=_run_name(trial, context),
+        tensorboard_root=_tensorboard_root(workdir, context),
+    )
 
     # -- load: data (cached tokenized), model, peft wrap
     with monitor.timer("load"):
@@ -469,12 +483,11 @@ def _spectrum_summary(adapter_dir: Path, result: TrialResult) -> None:
     result.artifacts["spectrum"] = spec
 
 
-def _tracking_env(cfg: dict[str, Any], context: dict[str, Any]) -> None:
-    """Group tracking runs per sweep; offline modes need no network."""
-    report_to = cfg.get("report_to") or []
-    name = context.get("name", "lorasweep")
-    if "wandb" in report_to:
-        os.environ.setdefault("WANDB_RUN_GROUP", name)
-        os.environ.setdefault("WANDB_PROJECT", "lorasweep")
-    if "mlflow" in report_to:
-        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", name)
+def _run_name(trial: Trial, context: dict[str, Any]) -> str:
+    """The tracking run of a trial: ``<sweep>/<variant>/r=<r>/seed=<s>``."""
+    return f"{context.get('name', 'sweep')}/{trial.label}"
+
+
+def _tensorboard_root(workdir: Path, context: dict[str, Any]) -> Path:
+    """``<run folder>/tensorboard``: outside the Trainer's output_dir, which is deleted."""
+    return Path(context.get("out_dir") or workdir.parent.parent) / "tensorboard"
