@@ -7,6 +7,11 @@ CUDA (it only imports), so each child can pick its own GPU with CUDA_VISIBLE_DEV
 
 ``jobs`` workers run at once. On CUDA each gets its own GPU; on CPU each gets cores // jobs threads
 (oversubscribed threads were 1.5x slower than sequential trials on 2 cores).
+
+A worker that dies without a result is classified honestly (see ``_died``): killed by the kernel's
+OOM killer -> ``oom``; killed by SIGKILL with no OOM kill recorded by the kernel (a user, a job
+scheduler) -> the trial was interrupted, not answered: it goes back to ``pending`` and a plain
+resume re-runs it; any other death (a segfault, an abort) -> ``failed``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -23,16 +29,52 @@ from typing import Any
 from lorasweep.backends import RunContext
 from lorasweep.results import Trial, TrialResult, TrialStatus
 
-_PRELOAD = ["lorasweep.trial"]
+# the guard first: it ties the server's life to the sweep's before the slow imports start
+_PRELOAD = ["lorasweep.backends._forkserver_guard", "lorasweep.trial"]
+_SWEEP_PID_ENV = "LORASWEEP_SWEEP_PID"  # read by _forkserver_guard (never import it here: it
+# arms a death signal in whatever process imports it)
 _PROGRESS_EVERY = 0.5  # seconds between progress messages from a child
 
 
-def _watch_parent(ppid: int) -> None:
-    """End this worker when the sweep dies (the forkserver exits and we are re-parented)."""
+_JOIN_AFTER_RESULT = 30.0  # seconds a worker may take to exit after sending its result
+
+
+def _watch_parent(ppid: int, sweep_pid: int) -> None:
+    """End this worker when the sweep dies.
+
+    The worker's parent is the forkserver, which exits when the sweep process does, so the worker
+    is re-parented; the sweep's own pid is checked too, in case the forkserver outlives it.
+    """
     while True:
-        time.sleep(1.0)
-        if os.getppid() != ppid:
+        time.sleep(0.5)
+        if os.getppid() != ppid or not _alive(sweep_pid):
             os._exit(3)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def oom_kill_count() -> int | None:
+    """The kernel's count of OOM kills since boot (Linux ``/proc/vmstat``), None where unknown.
+
+    It counts every OOM kill on the machine (cgroup limits included), so a rise while a worker
+    ran is evidence, not proof, that the worker was the victim; the error text says so.
+    """
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _child(
@@ -40,17 +82,22 @@ def _child(
     workdir: str,
     cache_root: str,
     context: dict[str, Any],
-    gpu: int | None,
+    gpu: str | None,
     conn: Connection,
+    sweep_pid: int,
 ) -> None:
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(os.getppid(), sweep_pid), daemon=True).start()
+    # Ctrl-C on the terminal reaches the whole process group: only the sweep acts on it (it stops
+    # the workers and leaves their trials to be re-run), so a worker never records it as a failure
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before anything touches CUDA in this process
     if context.get("threads"):
-        os.environ["OMP_NUM_THREADS"] = str(context["threads"])
-    from lorasweep.trial import train_trial
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(context["threads"])
+        import torch  # preloaded by the forkserver; set before the trial records its environment
 
-    trial = Trial.from_dict(trial_dict)
+        torch.set_num_threads(int(context["threads"]))
     last = [0.0]
 
     def progress(tid: str, step: int, total: int) -> None:
@@ -59,15 +106,29 @@ def _child(
             last[0] = now
             conn.send(("progress", tid, step, total))
 
-    result = train_trial(trial, workdir, cache_root=cache_root, progress=progress, context=context)
+    try:
+        from lorasweep.trial import train_trial
+
+        trial = Trial.from_dict(trial_dict)
+        result = train_trial(
+            trial, workdir, cache_root=cache_root, progress=progress, context=context
+        )
+    except Exception:  # noqa: BLE001 - train_trial stores its own failures; this is the rest
+        tb = traceback.format_exc().strip().splitlines()
+        result = TrialResult(trial_dict["id"], TrialStatus.FAILED, error="\n".join(tb[-12:]))
     conn.send(("result", result.to_dict()))
     conn.close()
 
 
-def _gpu_count() -> int:
+def _gpu_ids() -> list[str]:
+    """The GPUs this sweep may use, as CUDA_VISIBLE_DEVICES entries (the parent's own mask kept)."""
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not n:
+        return []
+    mask = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    return mask[:n] if len(mask) >= n else [str(i) for i in range(n)]
 
 
 class LocalBackend:
@@ -78,20 +139,22 @@ class LocalBackend:
         self._mp = mp.get_context("forkserver")
         self._mp.set_forkserver_preload(_PRELOAD)
 
-    def _slots(self) -> tuple[list[int | None], int | None]:
-        gpus = _gpu_count()
+    def _slots(self) -> tuple[list[str | None], int | None]:
+        gpus = _gpu_ids()
         if gpus:
-            if self.jobs > gpus:
-                raise ValueError(f"--jobs: {self.jobs} workers but only {gpus} GPUs visible")
-            return list(range(self.jobs)), None
+            if self.jobs > len(gpus):
+                raise ValueError(f"--jobs: {self.jobs} workers but only {len(gpus)} GPUs visible")
+            return list(gpus[: self.jobs]), None
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         return [None] * self.jobs, threads
 
     def run(self, trials: list[Trial], ctx: RunContext) -> Iterator[TrialResult]:
+        os.environ[_SWEEP_PID_ENV] = str(os.getpid())  # read by the forkserver it starts
         gpus, threads = self._slots()
         free = list(range(self.jobs))
         queue = list(trials)
-        running: dict[int, tuple[Any, Connection, Trial, int]] = {}  # sentinel -> worker
+        running: dict[int, tuple[Any, Connection, Trial, int, int | None]] = {}  # sentinel ->
+        # (process, pipe, trial, slot, kernel OOM-kill count when it started)
         try:
             while queue or running:
                 while queue and free:
@@ -108,31 +171,35 @@ class LocalBackend:
                             ctx.trial_context(threads),
                             gpus[slot],
                             child_conn,
+                            os.getpid(),
                         ),
                         name=f"lorasweep-{trial.id}",
                     )
                     proc.start()
                     child_conn.close()
-                    running[proc.sentinel] = (proc, parent_conn, trial, slot)
+                    running[proc.sentinel] = (proc, parent_conn, trial, slot, oom_kill_count())
                 conns = [w[1] for w in running.values()]
                 ready = wait(conns + list(running), timeout=1.0)
                 results: dict[int, TrialResult] = {}
-                for sentinel, (proc, conn, trial, slot) in list(running.items()):
+                for sentinel, (proc, conn, trial, slot, ooms) in list(running.items()):
                     if conn in ready or sentinel in ready:
                         res = _drain(conn, ctx)
                         if res is not None:
                             results[sentinel] = res
                     if sentinel in ready or sentinel in results:
-                        proc.join(timeout=None if sentinel in results else 5)
+                        proc.join(timeout=_JOIN_AFTER_RESULT if sentinel in results else 5)
                         if proc.exitcode is None:
-                            continue
-                        res = results.get(sentinel) or _drain(conn, ctx) or _died(trial, proc)
+                            if sentinel not in results:
+                                continue
+                            proc.kill()  # it sent its result but hangs on exit
+                            proc.join(timeout=5)
+                        res = results.get(sentinel) or _drain(conn, ctx) or _died(trial, proc, ooms)
                         conn.close()
                         del running[sentinel]
                         free.append(slot)
                         yield res
         finally:
-            for proc, conn, _, _ in running.values():  # the parent is going away: stop workers
+            for proc, *_ in running.values():  # the parent is going away: stop workers
                 proc.kill()
                 proc.join(timeout=5)
 
@@ -152,15 +219,38 @@ def _drain(conn: Connection, ctx: RunContext) -> TrialResult | None:
     return result
 
 
-def _died(trial: Trial, proc: Any) -> TrialResult:
-    """A worker that exited without a result: killed (likely by the OOM killer) or crashed."""
+def _died(trial: Trial, proc: Any, ooms_before: int | None = None) -> TrialResult:
+    """A worker that exited without a result.
+
+    - SIGKILL and the kernel counted an OOM kill meanwhile (or we cannot tell, off Linux): ``oom``,
+      kept and re-run only with ``--retry oom`` (it would most likely be killed again).
+    - SIGKILL with no OOM kill counted: someone stopped the worker; the trial has no answer, so it
+      goes back to ``pending`` (with the reason in ``error``) and a plain resume re-runs it.
+    - any other signal or exit code (segfault, abort): ``failed``.
+    """
     code = proc.exitcode
-    if code is not None and code < 0:
-        sig = signal.Signals(-code).name
-        status = TrialStatus.OOM if -code == signal.SIGKILL else TrialStatus.FAILED
-        error = f"worker process killed by {sig}" + (
-            " (the OS out-of-memory killer, or a user)" if status == TrialStatus.OOM else ""
+    pid = getattr(proc, "pid", "?")
+    if code is not None and code < 0 and -code == signal.SIGKILL:
+        ooms_after = oom_kill_count()
+        if ooms_before is not None and ooms_after is not None and ooms_after == ooms_before:
+            return TrialResult(
+                trial_id=trial.id,
+                status=TrialStatus.PENDING,
+                error=f"interrupted: worker process {pid} was killed by SIGKILL and the kernel "
+                "recorded no OOM kill meanwhile; the trial is re-run on resume",
+            )
+        why = (
+            f"the kernel recorded {ooms_after - ooms_before} OOM kill(s) while it ran"
+            if ooms_before is not None and ooms_after is not None
+            else "the OS out-of-memory killer, or a user (no OOM-kill counter on this system)"
         )
+        return TrialResult(
+            trial_id=trial.id,
+            status=TrialStatus.OOM,
+            error=f"worker process {pid} killed by SIGKILL: {why}",
+        )
+    if code is not None and code < 0:
+        error = f"worker process {pid} killed by {signal.Signals(-code).name}"
     else:
-        status, error = TrialStatus.FAILED, f"worker process exited with code {code} and no result"
-    return TrialResult(trial_id=trial.id, status=status, error=error)
+        error = f"worker process {pid} exited with code {code} and no result"
+    return TrialResult(trial_id=trial.id, status=TrialStatus.FAILED, error=error)
