@@ -7,6 +7,7 @@ running; they are re-run on resume, and finished trials are never run twice.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -133,18 +134,20 @@ def run_sweep(
     validated: bool = False,
 ) -> SweepOutcome:
     """Run (or resume) a sweep into ``out_dir`` and return what happened."""
-    if not isinstance(spec, SweepSpec):
-        spec = load_spec(spec)
-    elif not validated:
-        from lorasweep.validate import check_spec
-
-        check_spec(spec)
     bad = set(retry) - set(RETRYABLE)
     if bad:
         raise ValueError(f"--retry: unknown status {sorted(bad)[0]!r}; choose from failed, oom")
+    if not isinstance(spec, SweepSpec):
+        spec = parse_spec(spec)
     out = Path(out_dir)
     be = get_backend(backend, jobs=jobs, address=address)
     trials = spec.trials()
+    if hasattr(be, "warm_up") and _has_work(out, trials, set(retry)):
+        be.warm_up()  # worker imports overlap the checks below
+    if not validated:
+        from lorasweep.validate import check_spec
+
+        check_spec(spec)
     with open_store(out, create=True) as store:
         store.set_meta(
             name=spec.name,
@@ -172,7 +175,10 @@ def run_sweep(
                 on_start=on_start,
                 on_progress=progress.progress,
             )
+            estimates = estimate_peaks(todo)
             for result in be.run(todo, ctx):
+                if result.trial_id in estimates:
+                    result.metrics["estimated_peak_bytes"] = estimates[result.trial_id]
                 store.save_result(result)
                 progress.finish(result)
                 ran += 1
@@ -187,6 +193,59 @@ def run_sweep(
     elif report:
         outcome.report = out / "report.html"
     return outcome
+
+
+def estimate_peaks(trials: list[Trial]) -> dict[str, float]:
+    """The estimator's predicted peak memory of each trial (meta device, no weights), so the
+    report can set it against the measured peak. One estimate call per configuration group
+    (all ranks at once); variants the estimator does not model (AdaLoRA, rank patterns) and any
+    failure are skipped: an estimate is extra information, never a reason to stop."""
+    from lorasweep.estimate import estimate
+    from lorasweep.models import pick_device
+
+    device = pick_device()
+    groups: dict[str, list[Trial]] = {}
+    for t in trials:
+        ad = t.config["adapter"]
+        if ad["method"] == "adalora" or ad.get("rank_pattern"):
+            continue
+        key = json.dumps({**t.config, "adapter": {**ad, "r": None}}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(t)
+    out: dict[str, float] = {}
+    for members in groups.values():
+        cfg, ad = members[0].config, members[0].config["adapter"]
+        training = cfg.get("training") or {}
+        precision = ad.get("precision", "fp32")
+        try:
+            res = estimate(
+                cfg["model"],
+                ranks=sorted({t.config["adapter"]["r"] for t in members}),
+                targets=ad.get("target_modules") or "default",
+                variant="qlora" if ad.get("quantization") == "4bit" else ad["method"],
+                task=cfg["task"],
+                batch=int(training.get("per_device_train_batch_size", 8)),
+                seq=int(cfg["dataset"]["max_length"]),
+                dtype={"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[precision],
+                weights_dtype="fp32",
+                optimizer="adamw",
+                gradient_checkpointing=bool(training.get("gradient_checkpointing", False)),
+                device="cpu" if device != "cuda" else "cuda",
+                lora_dropout=float(ad.get("dropout") or 0.0),
+            )
+        except Exception:  # noqa: BLE001 - see docstring
+            continue
+        by_rank = {row["rank"]: float(row["total_bytes"]) for row in res.rows}
+        for t in members:
+            if t.config["adapter"]["r"] in by_rank:
+                out[t.id] = by_rank[t.config["adapter"]["r"]]
+    return out
+
+
+def _has_work(out: Path, trials: list[Trial], retry: set[str]) -> bool:
+    if not (out / "lorasweep.db").exists():
+        return True
+    with open_store(out) as store:
+        return bool(select_trials(store, trials, retry)[0])
 
 
 def _prepare_data(spec: SweepSpec, out: Path) -> None:
