@@ -300,3 +300,19 @@ def test_time_ties_go_to_fewer_trainable_params():
         if r["rank"] == 4:
             r["train_seconds"] = 200
     assert stats.analyze(pd.DataFrame(rows))["recommended"]["key"]["rank"] == 16
+
+
+def test_two_seeds_do_not_prove_a_clearly_lower_config_equivalent():
+    """The demo's situation: 2 seeds, nothing significant, r=2 measured 5.6 points lower.
+    A non-significant test with no power is not evidence: the best is recommended."""
+    rows = []
+    for r, accs in {2: (0.74, 0.772), 8: (0.776, 0.782), 32: (0.79, 0.834)}.items():
+        for seed, a in enumerate(accs):
+            rows.append({"rank": r, "seed": seed, "accuracy": a, "train_seconds": 50.0,
+                         "trainable_params": 1000 * r})
+    res = stats.analyze(pd.DataFrame(rows))
+    assert res["recommended"]["key"]["rank"] == 32
+    assert "Not accepted as equivalent on too few seeds" in res["reason"]
+    # a tolerance the user chose still accepts the cheaper configuration
+    res = stats.analyze(pd.DataFrame(rows), tolerance=0.06)
+    assert res["recommended"]["key"]["rank"] == 2

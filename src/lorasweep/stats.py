@@ -43,6 +43,11 @@ ALPHA = 0.05
 # wall time on a shared machine jitters by more than the real difference between small ranks.
 # Ties go to the configuration with fewer trainable parameters (then the lower rank).
 COST_TIE = 0.10
+# "Not significantly worse" is evidence of being as good only when the test could have found a
+# difference: with fewer seeds than this on either side, a configuration that measured worse by
+# more than one pooled standard deviation is not accepted on a non-significant test alone (a
+# tolerance can still accept it).
+MIN_SEEDS_FOR_EQUIVALENCE = 3
 # Below this many pairs a rank test (Wilcoxon signed-rank) cannot reach p < 0.05 two-sided.
 MIN_N_RANK_TEST = 6
 # A paired t on 2 seeds has 1 degree of freedom (critical t = 12.7): with fewer common seeds
@@ -352,6 +357,13 @@ def _groups(
     return out
 
 
+def _pooled_std(a: dict, b: dict) -> float:
+    """sqrt of the mean of the two variances; 0 when either has a single seed."""
+    if a["std"] is None or b["std"] is None:
+        return 0.0
+    return math.sqrt((a["std"] ** 2 + b["std"] ** 2) / 2)
+
+
 def _cheapest(candidates: list[dict], sign: float) -> dict | None:
     """The cheapest candidate; costs within COST_TIE of the cheapest count as equal, and
     equal costs go to fewer trainable parameters, then the lower rank, then the better mean."""
@@ -464,8 +476,17 @@ def analyze(
 
     for g in groups:
         within = tolerance is not None and sign * (best["mean"] - g["mean"]) <= tolerance
-        not_worse = g is best or (g["p_adjusted"] is not None and not g["significantly_worse"])
+        powered = min(g["n"], best["n"]) >= MIN_SEEDS_FOR_EQUIVALENCE
+        measured_worse = sign * (best["mean"] - g["mean"]) > _pooled_std(g, best)
+        not_worse = g is best or (
+            g["p_adjusted"] is not None
+            and not g["significantly_worse"]
+            and (powered or not measured_worse)
+        )
         g["_ok"] = bool(within or not_worse)
+        g["_underpowered"] = bool(
+            g is not best and not powered and g["p_adjusted"] is not None and measured_worse
+        )
         g["_fits"] = (
             memory_budget_gb is None or g["_mem"] is None or g["_mem"] <= memory_budget_gb * 1024**3
         )
@@ -477,6 +498,15 @@ def analyze(
         flags.append("A memory budget was given but no memory was measured; it was not applied.")
     ctx = advice.Context(metric, direction, cost, mem, tolerance, memory_budget_gb, alpha)
     reason = advice.reason(groups, best, recommended, ctx)
+    held_back = [g for g in groups if g.get("_underpowered") and g is not recommended]
+    if held_back:
+        reason += (
+            f" Not accepted as equivalent on too few seeds (with fewer than "
+            f"{MIN_SEEDS_FOR_EQUIVALENCE} seeds a non-significant test is no evidence of being as "
+            "good, and these measured worse by more than one standard deviation): "
+            + ", ".join(advice.group_label(g["key"]) for g in held_back)
+            + ". Run more seeds, or pass a tolerance."
+        )
     cheapest = min((g["cost"] for g in candidates if g["cost"] is not None), default=None)
     if recommended is not None and cheapest is not None and (recommended["cost"] or 0) > cheapest:
         reason += (
