@@ -8,6 +8,7 @@ running; they are re-run on resume, and finished trials are never run twice.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -177,6 +178,9 @@ def run_sweep(
             )
             estimates = estimate_peaks(todo)
             for result in be.run(todo, ctx):
+                adapter = result.artifacts.get("adapter_dir")
+                if adapter:  # relative to the run folder, so the folder can be moved
+                    result.artifacts["adapter_dir"] = os.path.relpath(adapter, out)
                 if result.trial_id in estimates:
                     result.metrics["estimated_peak_bytes"] = estimates[result.trial_id]
                 store.save_result(result)
@@ -256,6 +260,12 @@ def _prepare_data(spec: SweepSpec, out: Path) -> None:
     data.prepare(spec.dataset.model_dump(), spec.task, spec.model, tok, out / "cache")
 
 
+def _adapter_path(run_dir: Path, stored: str) -> Path:
+    """Adapters are stored relative to the run folder (older runs: to the working directory)."""
+    inside = run_dir / stored
+    return inside if inside.exists() or not Path(stored).exists() else Path(stored)
+
+
 def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
     """Build run_dir/report.html from the store (stats, plots, spectra)."""
     from lorasweep.report import build_report
@@ -267,7 +277,7 @@ def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
             (t["environment"] for t in store.trials() if t["environment"]), {}
         )
         adapters = {
-            t["label"]: Path(t["artifacts"]["adapter_dir"])
+            t["label"]: _adapter_path(run_dir, t["artifacts"]["adapter_dir"])
             for t in store.trials()
             if t["status"] == "complete" and t["artifacts"].get("adapter_dir")
         }
@@ -277,12 +287,13 @@ def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
     if adapters:
         try:
             from lorasweep.spectrum import spectrum_section_html
+            from lorasweep.verify import verify_report_info
 
             existing = {k: v for k, v in adapters.items() if v.exists()}
             if existing:
-                sections.append(
-                    {"title": "Adapter spectra", "html": spectrum_section_html(existing)}
-                )
+                verify = verify_report_info(meta, trials)  # `spectrum --verify` variants marked
+                html = spectrum_section_html(existing, verify=verify)
+                sections.append({"title": "Adapter spectra", "html": html})
         except Exception as e:  # noqa: BLE001 - an extra section never blocks the report
             sections.append({"title": "Adapter spectra", "html": f"<p>not available: {e}</p>"})
     return build_report(trials, curves, meta, run_dir, extra_sections=sections, **kwargs)

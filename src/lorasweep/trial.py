@@ -8,8 +8,10 @@ of an exception, so a sweep never loses a night to one bad trial.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,19 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.utils import logging as hf_logging
 
 from lorasweep import data as data_mod
 from lorasweep import models, tracking
 from lorasweep.measure import Monitor, environment
 from lorasweep.results import Trial, TrialResult, TrialStatus
 from lorasweep.spec import adalora_schedule
+
+if "TRANSFORMERS_VERBOSITY" not in os.environ:
+    # the expected "classifier weights newly initialized" load report would bury the progress
+    # display; set TRANSFORMERS_VERBOSITY=warning to see transformers' messages again
+    hf_logging.set_verbosity_error()
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 ProgressFn = Callable[[str, int, int], None]  # (trial_id, step, max_steps)
 
