@@ -44,7 +44,7 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZERS = {"adamw": 8.0, "adamw-8bit": 2.0, "sgd": 0.0}  # state bytes per trainable param
 VARIANTS = ("lora", "dora", "qlora")
 # Runtime baselines: RSS after importing torch, transformers, peft and the Trainer (measured here,
-# torch 2.13 CPU, see docs/benchmarks-estimate.md); the CUDA context and cuBLAS workspace.
+# torch 2.13 CPU, see docs/benchmarks.md); the CUDA context and cuBLAS workspace.
 CPU_RUNTIME_BYTES = 530 * MiB
 CUDA_RUNTIME_BYTES = 600 * MiB
 # Backward-pass working memory and allocator slack as a fraction of the saved activations: on
