@@ -190,16 +190,44 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def cmd_spectrum(args: argparse.Namespace) -> int:
     from lorasweep import spectrum
 
-    spec = spectrum.adapter_spectrum(args.adapter)
-    out = {**spec, **spectrum.suggest(spec, energy=args.energy)}
-    if args.other:
-        out["similarity"] = spectrum.subspace_similarity(args.adapter, args.other)
+    if not 0 < args.energy <= 1:
+        raise UserError(f"--energy: must be in (0, 1], got {args.energy}")
+    if args.verify and not Path(args.verify).is_dir():
+        raise UserError(f"--verify: not a run folder: {args.verify}")
+    out = spectrum.analyze_adapter(args.adapter, other=args.other, energy=args.energy, by=args.by)
     if args.plot:
-        spectrum.plot_spectra([spec], args.plot)
+        spectra = [out]
+        if args.other:
+            spectra.append(spectrum.adapter_spectrum(args.other))
+        spectrum.plot_spectra(spectra, args.plot)
+    if args.verify:
+        import contextlib
+
+        from lorasweep.verify import format_verify, verify_suggestion
+
+        # --json: stdout carries the JSON alone; anything training prints goes to stderr
+        quiet_out = (
+            contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+        )
+        with quiet_out:
+            out["verify"] = verify_suggestion(
+                args.verify,
+                args.adapter,
+                energy=args.energy,
+                by=args.by,
+                run=not args.no_run,
+                backend=args.backend,
+                quiet=args.quiet,
+            )
     if args.json:
         print(json.dumps(out, indent=2, default=float))
-    else:
-        print(spectrum.format_spectrum(out))
+        return 0
+    print(spectrum.format_spectrum(out))
+    if args.plot:
+        print(f"Plot: {args.plot}")
+    if args.verify:
+        print()
+        print(format_verify(out["verify"]))
     return 0
 
 
@@ -294,12 +322,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_estimate)
 
-    s = sub.add_parser("spectrum", help="singular values and effective rank of an adapter")
-    s.add_argument("adapter")
+    s = sub.add_parser(
+        "spectrum", help="effective rank of a trained adapter, a rank suggestion, --verify it"
+    )
+    s.add_argument("adapter", help="a saved peft adapter folder")
     s.add_argument("other", nargs="?", default=None, help="a second adapter to compare")
-    s.add_argument("--energy", type=float, default=0.9)
-    s.add_argument("--plot", default=None)
+    s.add_argument("--energy", type=float, default=0.9, help="share of Σσ² to keep (0.9)")
+    s.add_argument(
+        "--by", choices=["group", "type"], default="group", help="rank_pattern per group or type"
+    )
+    s.add_argument("--plot", default=None, help="write the singular-value PNG here")
     s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--verify",
+        default=None,
+        metavar="RUN_DIR",
+        help="add the suggestion to this sweep as extra variants and train them",
+    )
+    s.add_argument(
+        "--no-run", action="store_true", help="with --verify: write RUN_DIR/spec.verify.yaml only"
+    )
+    s.add_argument(
+        "--backend",
+        choices=["inprocess", "local"],
+        default="local",
+        help="with --verify: where the new trials run (default: local)",
+    )
+    s.add_argument("--quiet", action="store_true", help="with --verify: no live progress")
     s.set_defaults(func=cmd_spectrum)
 
     s = sub.add_parser("init", help="write a commented starter spec")

@@ -440,6 +440,69 @@ def analyze_adapter(
     return out
 
 
+def format_spectrum(out: Mapping[str, Any]) -> str:
+    """Readable text of :func:`analyze_adapter` output: one row per module (r, effective rank,
+    energy ranks, numerical rank), the group summaries, the suggestion and the similarity."""
+    energies = [_ekey(e) for e in out.get("energies", ENERGIES)]
+    mods = out["modules"]
+    width = max([len("module"), *(len(m["name"]) for m in mods)])
+    head = f"{'module':<{width}}  {'group':9} {'r':>4} {'eff.rank':>8} "
+    head += " ".join(f"{'E' + e:>6}" for e in energies) + f" {'num.rank':>8}"
+    lines = [
+        f"{out.get('label', '')}: {out.get('variant', 'lora')}, nominal rank "
+        f"{out.get('nominal_rank')}, {len(mods)} modules, stored {out.get('dtype')}",
+        "",
+        head,
+        "-" * len(head),
+    ]
+    for m in mods:
+        ranks = " ".join(f"{m['energy_rank'].get(e, '-'):>6}" for e in energies)
+        lines.append(
+            f"{m['name']:<{width}}  {m['group']:9} {m['r']:>4} {m['effective_rank']:>8.2f} "
+            f"{ranks} {m['numerical_rank']:>8}"
+        )
+    lines.append("")
+    lines.append(f"mean effective rank {out['mean_effective_rank']:.2f}")
+    for g, summ in out.get("groups", {}).items():
+        top = ", ".join(f"{float(e):.0%}: {k}" for e, k in summ["max_energy_rank"].items())
+        lines.append(
+            f"  {g}: {summ['modules']} modules, effective rank {summ['mean_effective_rank']:.2f} "
+            f"(min {summ['min_effective_rank']:.2f}, max {summ['max_effective_rank']:.2f}), "
+            f"max energy rank {top}"
+        )
+    sug = out.get("suggestion")
+    if sug:
+        lines += [
+            "",
+            f"Suggestion at {sug['energy']:.0%} of the update energy: rank "
+            f"{out.get('suggested_rank', sug['suggested_rank'])} (power of two: "
+            f"{sug['suggested_rank_pow2']})",
+            f"  per group: {json.dumps(sug['group_ranks'])}",
+            f"  peft rank_pattern: {json.dumps(sug['suggested_rank_pattern'])}",
+        ]
+        if sug.get("note"):
+            lines.append(f"  note: {sug['note']}")
+    for n in out.get("notes", []):
+        lines.append(f"note: {n}")
+    sim = out.get("similarity")
+    if sim:
+        lines += [
+            "",
+            f"Subspace similarity with {sim['b']} ({sim['side']} singular vectors): "
+            f"mean φ(k, k) {sim['mean_phi_at_min']:.3f}, mean top-k φ {sim['mean_top_k']:.3f}",
+        ]
+        for m in sim["modules"]:
+            lines.append(
+                f"  {m['name']:<{width}}  φ(k,k) {m['phi_at_min']:.3f}  (random "
+                f"{m['random_baseline']:.3f}, r {m['r_a']} vs {m['r_b']})"
+            )
+        if sim.get("only_in_a") or sim.get("only_in_b"):
+            lines.append(
+                f"  only in one adapter: {len(sim['only_in_a'])} + {len(sim['only_in_b'])} modules"
+            )
+    return "\n".join(lines)
+
+
 def plot_spectra(spectra: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Singular values per module (log scale) and the mean cumulative energy vs k, per adapter."""
     from matplotlib.figure import Figure
@@ -521,10 +584,19 @@ def _rank_figure_png(rows: list[tuple], energy: float) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def spectrum_section_html(adapter_dirs: Mapping[str, str | Path], energy: float = 0.9) -> str:
+def spectrum_section_html(
+    adapter_dirs: Mapping[str, str | Path],
+    energy: float = 0.9,
+    verify: Sequence[Mapping[str, Any]] | None = None,
+) -> str:
     """HTML fragment for the sweep report: effective vs nominal rank per trained adapter, a plot,
     and the rank suggested by the highest-rank adapter. Unreadable adapters get a row saying why.
+
+    ``verify``: records of ``lorasweep spectrum --verify`` (``verify.verify_report_info``): the
+    trials of the suggested variants are marked in the table, and each record gets a paragraph
+    and a table comparing the suggested variants with the pilot's variant.
     """
+    suggested = {v: rec for rec in (verify or []) for v in rec.get("variants", {})}
     rows, failed = [], []
     for label, d in adapter_dirs.items():
         try:
@@ -551,6 +623,9 @@ def spectrum_section_html(adapter_dirs: Mapping[str, str | Path], energy: float 
     parts.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>")
     parts.append("</thead><tbody>")
     for sp, sug, top, notes in rows:
+        rec = suggested.get(str(sp["label"]).split("/")[0])
+        if rec is not None:
+            notes = [f"verifies the suggestion of {rec.get('pilot')}", *notes]
         cells = [sp["label"], sp["variant"], sp["nominal_rank"], f"{sp['mean_effective_rank']:.2f}"]
         cells += [*top, sug["suggested_rank"], "; ".join(notes)]
         parts.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
@@ -568,5 +643,41 @@ def spectrum_section_html(adapter_dirs: Mapping[str, str | Path], energy: float 
             f"<code>{esc(json.dumps(sug['group_ranks']))}</code>, as a spec variant "
             f"<code>{esc(json.dumps(sug['pattern_variant']))}</code>.</p>"
         )
+    for rec in verify or []:
+        parts.append(_verify_html(rec))
     parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _verify_html(rec: Mapping[str, Any]) -> str:
+    """One ``--verify`` record: what was added from which pilot, and the comparison."""
+    esc = html.escape
+    added = rec.get("variants") or {}
+    what = ", ".join(f"<code>{esc(n)}: {esc(json.dumps(v))}</code>" for n, v in added.items())
+    parts = [
+        '<div class="verify">',
+        f"<h3>Suggestion verified: {esc(str(rec.get('pilot')))}</h3>",
+        f"<p>The suggestion of {esc(str(rec.get('pilot')))} at {float(rec.get('energy', 0.9)):.0%}"
+        f" of the update energy (rank {esc(str(rec.get('suggested_rank')))}, per group "
+        f"<code>{esc(json.dumps(rec.get('group_ranks', {})))}</code>) was added to the sweep as "
+        f"{what or 'no new variant'}, so it is measured, not trusted. They are ordinary variants:"
+        " the statistics above compare them with the grid.</p>",
+    ]
+    if rec.get("notes"):
+        parts.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in rec["notes"]) + "</ul>")
+    rows = rec.get("compare") or []
+    if rows:
+        metric = rows[0]["metric"]
+        head = ["variant", "rank", "complete trials", f"mean {metric}", ""]
+        parts.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head))
+        parts.append("</tr></thead><tbody>")
+        for r in rows:
+            mean = "-" if r["mean"] is None else f"{r['mean']:.4g}"
+            rank = "pattern" if r["rank"] is None else r["rank"]
+            mark = "suggested" if r["suggested"] else "pilot's variant"
+            cells = [r["variant"], rank, r["trials"], mean, mark]
+            cls = ' class="suggested"' if r["suggested"] else ""
+            parts.append(f"<tr{cls}>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
+        parts.append("</tbody></table>")
+    parts.append("</div>")
     return "\n".join(parts)
