@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ BUILTIN_DATASETS = (
     "builtin:shakespeare",
     "builtin:shakespeare-instruct",
 )
+# keys of dataset.columns: the format columns that can be renamed
+COLUMN_KEYS = ("instruction", "input", "output", "prompt", "completion", "messages")
 LOCAL_SUFFIXES = {
     ".csv": "csv",
     ".jsonl": "json",
@@ -113,8 +116,14 @@ def load_raw(dspec: dict[str, Any], task: str) -> tuple[Any, Any | None]:
     if source == "builtin:shakespeare-instruct":
         from lorasweep.formats import build_shakespeare_instructions
 
-        n = (dspec.get("max_train_examples") or 2000) + (dspec.get("max_eval_examples") or 200)
-        return build_shakespeare_instructions(n, seed=dspec.get("split_seed", 0)), None
+        # Built already split, so that max_train_examples and max_eval_examples are both met
+        # exactly (a fraction carved from train+eval rows would leave the eval set short). The
+        # windows never overlap, so no text is in both splits.
+        n_train = dspec.get("max_train_examples") or 2000
+        frac = dspec.get("eval_fraction", 0.1)
+        n_eval = dspec.get("max_eval_examples") or max(1, math.ceil(n_train * frac / (1 - frac)))
+        rows = build_shakespeare_instructions(n_train + n_eval, seed=dspec.get("split_seed", 0))
+        return rows.select(range(n_train)), rows.select(range(n_train, n_train + n_eval))
     if source.startswith("builtin:"):
         raise DataError(
             f"dataset.source: unknown builtin {source!r}; choose from {', '.join(BUILTIN_DATASETS)}"
@@ -245,6 +254,13 @@ def prepare(
         fmt = format_spec(dspec)
         train_t, tr_stats = tokenize_causal(train, tokenizer, fmt, dspec["max_length"])
         eval_t, ev_stats = tokenize_causal(evalset, tokenizer, fmt, dspec["max_length"])
+        if fmt.format == "text":
+            # plain text is cut into blocks of max_length tokens: the example limits count blocks
+            # (a seeded sample), not documents — a held-out play is thousands of blocks
+            seed = dspec.get("split_seed", 0)
+            train_t = _limit(train_t, dspec.get("max_train_examples"), seed)
+            eval_t = _limit(eval_t, dspec.get("max_eval_examples"), seed)
+            tr_stats["blocks_used"], ev_stats["blocks_used"] = len(train_t), len(eval_t)
         info = {"train": tr_stats, "eval": ev_stats}
     if folder is not None:
         tmp = folder.with_name(folder.name + ".tmp")
@@ -262,10 +278,23 @@ def prepare(
     return train_t, eval_t, info
 
 
+def _limit(ds: Any, n: int | None, seed: int) -> Any:
+    if not n or len(ds) <= n:
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
 def format_spec(dspec: dict[str, Any]) -> Any:
     from lorasweep.formats import FormatSpec
 
-    cols = {f"{k}_column": v for k, v in (dspec.get("columns") or {}).items()}
+    renames = dict(dspec.get("columns") or {})
+    unknown = sorted(set(renames) - set(COLUMN_KEYS))
+    if unknown:  # one line, not a TypeError from FormatSpec
+        raise DataError(
+            f"dataset.columns: unknown key {', '.join(map(repr, unknown))}; choose from "
+            f"{', '.join(COLUMN_KEYS)} (plain text uses dataset.text_column)"
+        )
+    cols = {f"{k}_column": v for k, v in renames.items()}
     return FormatSpec(
         format=dspec.get("format", "text"),
         text_column=dspec["text_column"],

@@ -29,6 +29,7 @@ SUMMARY_METRICS: dict[str, tuple[str, str]] = {
     "f1": ("F1", "metric"),
     "perplexity": ("perplexity", "metric"),
     "eval_loss": ("eval loss", "metric"),
+    "train_loss": ("final train loss", "metric"),
     "trainable_params": ("trainable params", "count"),
     "trainable_percent": ("trainable %", "percent"),
     "adapter_bytes": ("adapter size", "bytes"),
@@ -121,8 +122,6 @@ def _summary_rows(trials: pd.DataFrame, analysis: dict, by: Any) -> tuple[list, 
     shown = [
         m for m in SUMMARY_METRICS if f"{m}_mean" in table and table[f"{m}_mean"].notna().any()
     ]
-    if "peak_gpu_allocated_bytes" in shown and "peak_cpu_rss_bytes" in shown:
-        shown.remove("peak_cpu_rss_bytes")  # one memory column: GPU when it was measured
     best = stats.group_label((analysis.get("best") or {}).get("key") or {})
     rec = stats.group_label((analysis.get("recommended") or {}).get("key") or {})
     key_cols = [
