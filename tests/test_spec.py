@@ -46,8 +46,12 @@ def test_trial_ids_are_stable_and_change_with_config():
 
 
 def test_all_errors_reported_at_once_with_key_and_value():
-    bad = {**DEMO, "grid": {"rank": [8, 0]}, "colour": "red",
-           "lora": {"alpha": "triple", "dropout": 0.1}}
+    bad = {
+        **DEMO,
+        "grid": {"rank": [8, 0]},
+        "colour": "red",
+        "lora": {"alpha": "triple", "dropout": 0.1},
+    }
     errs = errors_of(bad)
     assert len(errs) == 3
     assert any(e.startswith("colour: unknown key") and "'red'" in e for e in errs)
@@ -63,8 +67,13 @@ def test_missing_required_key():
 
 @pytest.mark.parametrize(
     ("policy", "r", "alpha", "scale", "rslora"),
-    [(16, 8, 16.0, 2.0, False), ("rank", 8, 8.0, 1.0, False), ("2*rank", 4, 8.0, 2.0, False),
-     ("rslora", 16, 16.0, 4.0, True), ("rslora:8", 4, 8.0, 4.0, True)],
+    [
+        (16, 8, 16.0, 2.0, False),
+        ("rank", 8, 8.0, 1.0, False),
+        ("2*rank", 4, 8.0, 2.0, False),
+        ("rslora", 16, 16.0, 4.0, True),
+        ("rslora:8", 4, 8.0, 4.0, True),
+    ],
 )
 def test_alpha_policies(policy, r, alpha, scale, rslora):
     name, a, rs, sc = resolve_alpha(policy, r)
@@ -73,23 +82,36 @@ def test_alpha_policies(policy, r, alpha, scale, rslora):
 
 
 def test_variants_cross_grid_or_stand_alone():
-    spec = parse_spec({
-        **DEMO, "seeds": [0],
-        "variants": {"B-FP": {}, "B-Ada": {"method": "adalora", "init_r": 12, "target_r": 8},
-                     "Joint-3": {"rank_pattern": {"attention": 6, "mlp": 10}},
-                     "rs": {"alpha": "rslora"}},
-    })
+    spec = parse_spec(
+        {
+            **DEMO,
+            "seeds": [0],
+            "variants": {
+                "B-FP": {},
+                "B-Ada": {"method": "adalora", "init_r": 12, "target_r": 8},
+                "Joint-3": {"rank_pattern": {"attention": 6, "mlp": 10}},
+                "rs": {"alpha": "rslora"},
+            },
+        }
+    )
     rows = [(t.variant, t.rank) for t in plan(spec)]
-    assert rows == [("B-FP", 2), ("B-FP", 8), ("B-FP", 32), ("B-Ada", 8), ("Joint-3", None),
-                    ("rs", 2), ("rs", 8), ("rs", 32)]
+    assert rows == [
+        ("B-FP", 2),
+        ("B-FP", 8),
+        ("B-FP", 32),
+        ("B-Ada", 8),
+        ("Joint-3", None),
+        ("rs", 2),
+        ("rs", 8),
+        ("rs", 32),
+    ]
     rs = [t for t in plan(spec) if t.variant == "rs"]
     assert rs[0].config["adapter"]["use_rslora"] is True
     assert rs[0].config["adapter"]["alpha_policy"] == "rslora:16"
 
 
 def test_adalora_validation_lines():
-    errs = errors_of({**DEMO, "variants": {"a": {"method": "adalora", "init_r": 4,
-                                                  "target_r": 8}}})
+    errs = errors_of({**DEMO, "variants": {"a": {"method": "adalora", "init_r": 4, "target_r": 8}}})
     assert len(errs) == 1 and "variants.a" in errs[0] and "init_r=4" in errs[0]
     errs = errors_of({**DEMO, "variants": {"b": {"init_r": 4}}})
     assert "variants.b" in errs[0] and "init_r=4" in errs[0] and "AdaLoRA" in errs[0]
@@ -100,7 +122,8 @@ def test_world_checks_before_weights(tiny_bert_dir, tiny_csv, tmp_path):
     check_spec(parse_spec(base), device="cpu")  # the good spec passes
     missing = {**base, "dataset": {**base["dataset"], "source": str(tmp_path / "nope.csv")}}
     assert errors_of(missing, check=True) == [
-        f"dataset.source: file not found: {str(tmp_path / 'nope.csv')!r}"]
+        f"dataset.source: file not found: {str(tmp_path / 'nope.csv')!r}"
+    ]
     nolabel = {**base, "dataset": {**base["dataset"], "label_column": "sentiment"}}
     (err,) = errors_of(nolabel, check=True)
     assert err.startswith("dataset.label_column: column 'sentiment' not in")

@@ -21,9 +21,14 @@ def test_round_trip_and_frames(tmp_path):
         assert store.add_trials([t]) == 1
         assert store.add_trials([t]) == 0  # registering twice keeps one row
         store.mark_running(t.id)
-        res = TrialResult(t.id, TrialStatus.COMPLETE, metrics={"accuracy": 0.8, "nan": float("nan")},
-                          curves={"train_loss": [[1, 0.7], [2, 0.5]]}, environment={"torch": "x"},
-                          artifacts={"adapter_dir": "a"})
+        res = TrialResult(
+            t.id,
+            TrialStatus.COMPLETE,
+            metrics={"accuracy": 0.8, "nan": float("nan")},
+            curves={"train_loss": [[1, 0.7], [2, 0.5]]},
+            environment={"torch": "x"},
+            artifacts={"adapter_dir": "a"},
+        )
         store.save_result(res)
     with open_store(tmp_path) as store:
         back = store.result(t.id)
@@ -31,7 +36,9 @@ def test_round_trip_and_frames(tmp_path):
         assert back.metrics == {"accuracy": 0.8, "nan": None}  # NaN stored as null, never lost
         assert back.curves == {"train_loss": [[1.0, 0.7], [2.0, 0.5]]}
         df = store.trials_frame()
-        assert df.loc[0, "accuracy"] == 0.8 and df.loc[0, "rank"] == 2 and df.loc[0, "attempts"] == 1
+        assert (
+            df.loc[0, "accuracy"] == 0.8 and df.loc[0, "rank"] == 2 and df.loc[0, "attempts"] == 1
+        )
         assert list(store.curves_frame()["value"]) == [0.7, 0.5]
         assert store.integrity_check() == "ok"
 

@@ -23,10 +23,21 @@ def test_tiny_sweep_end_to_end(backend, tiny_bert_dir, tiny_csv, tmp_path):
         df = store.trials_frame()
         curves = store.curves_frame()
     assert sorted(df["rank"]) == [2, 2, 4, 4]
-    for col in ("accuracy", "f1", "train_seconds", "load_seconds", "eval_seconds",
-                "examples_per_second", "tokens_per_second", "trainable_params",
-                "trainable_percent", "adapter_bytes", "peak_cpu_rss_bytes",
-                "mean_cpu_rss_bytes", "lora_scale"):
+    for col in (
+        "accuracy",
+        "f1",
+        "train_seconds",
+        "load_seconds",
+        "eval_seconds",
+        "examples_per_second",
+        "tokens_per_second",
+        "trainable_params",
+        "trainable_percent",
+        "adapter_bytes",
+        "peak_cpu_rss_bytes",
+        "mean_cpu_rss_bytes",
+        "lora_scale",
+    ):
         assert df[col].notna().all(), col
     # LoRA on query+value of 2 layers (hidden 32): r*(32+32) per module, 4 modules, plus the
     # classifier (32*2 weights + 2 biases) that peft trains for sequence classification; the
@@ -70,8 +81,9 @@ def test_cli_status_json_and_export(tiny_bert_dir, tiny_csv, tmp_path, capsys):
     assert set(t) == {"id", "status", "seed", "rank", "variant", "metrics", "error"}
     assert t["status"] == "complete" and "accuracy" in t["metrics"]
     assert "trainable_params" in t["metrics"] and "f1" in t["metrics"]
-    assert main(["export", str(tmp_path / "r"), "--format", "csv", "-o",
-                 str(tmp_path / "t.csv")]) == 0
+    assert (
+        main(["export", str(tmp_path / "r"), "--format", "csv", "-o", str(tmp_path / "t.csv")]) == 0
+    )
     assert "accuracy" in (tmp_path / "t.csv").read_text().splitlines()[0]
 
 
@@ -82,8 +94,12 @@ def test_cli_bad_spec_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path):
     spec["grid"] = {"rank": [0]}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(spec))
-    proc = subprocess.run([sys.executable, "-m", "lorasweep", "run", str(path), "--out",
-                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorasweep", "run", str(path), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines == ["lorasweep: error: grid.rank: rank[0] must be > 0, got 0 (got [0])"]

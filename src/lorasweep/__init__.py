@@ -15,6 +15,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from lorasweep.results import Trial, TrialResult, TrialStatus
+from lorasweep.spec import SpecError, parse_spec
+
 # bitsandbytes logs a warning on import on CPU about an optional `kernels` package that fetches
 # from a hub; it is harmless and would be printed before every command.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -36,9 +39,6 @@ __all__ = [
     "parse_spec",
     "run_sweep",
 ]
-
-from lorasweep.results import Trial, TrialResult, TrialStatus
-from lorasweep.spec import SpecError, parse_spec
 
 
 def __getattr__(name: str) -> Any:

@@ -82,9 +82,6 @@ class Store:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _tx(self) -> sqlite3.Connection:
-        return self._db
-
     # -- meta
     def set_meta(self, **values: Any) -> None:
         with _transaction(self._db):
@@ -101,7 +98,7 @@ class Store:
 
     # -- trials
     def add_trials(self, trials: Iterable[Trial]) -> int:
-        """Register planned trials; existing ones are left as they are. Returns how many were new."""
+        """Register planned trials (existing ones are kept as they are); returns the new count."""
         now = time.time()
         n = 0
         with _transaction(self._db):

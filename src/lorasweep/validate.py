@@ -133,13 +133,6 @@ def check_variants(spec: SweepSpec, device: str) -> list[str]:
             errors.append(f"{key}.precision: fp16 needs a CUDA GPU; this machine has {device}")
         if v.training:
             errors += check_training(v.training, f"{key}.training", fields)
-        if ad.get("method") == "adalora":
-            init_r, target_r = ad.get("init_r", 12), ad.get("target_r", 8)
-            if target_r > init_r:
-                errors.append(
-                    f"{key}: AdaLoRA needs target_r <= init_r, got init_r={init_r}, "
-                    f"target_r={target_r}"
-                )
     return errors
 
 
