@@ -254,8 +254,12 @@ def _has_work(out: Path, trials: list[Trial], retry: set[str]) -> bool:
 
 def _prepare_data(spec: SweepSpec, out: Path) -> None:
     """Tokenize once in the parent, so trials (in any worker) only load the cached dataset."""
+    import datasets
+
     from lorasweep import data, models
 
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()  # "Map: 100%" bars would fill a CI log
     tok = models.load_tokenizer(spec.model)
     data.prepare(spec.dataset.model_dump(), spec.task, spec.model, tok, out / "cache")
 

@@ -38,6 +38,7 @@ if "TRANSFORMERS_VERBOSITY" not in os.environ:
     # the expected "classifier weights newly initialized" load report would bury the progress
     # display; set TRANSFORMERS_VERBOSITY=warning to see transformers' messages again
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars, one per trial
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 ProgressFn = Callable[[str, int, int], None]  # (trial_id, step, max_steps)
