@@ -160,16 +160,11 @@ class Store:
     def trials(self) -> list[dict[str, Any]]:
         """Every stored trial as a dict (config, metrics etc. decoded), in creation order."""
         rows = self._db.execute("SELECT * FROM trials ORDER BY created, variant, rank, seed")
-        out = []
-        for r in rows.fetchall():
-            d = dict(r)
-            for k in ("config", "metrics", "environment", "artifacts"):
-                d[k] = json.loads(d[k])
-            out.append(d)
-        return out
+        return [_decode(r) for r in rows.fetchall()]
 
     def trial(self, trial_id: str) -> dict[str, Any] | None:
-        return next((t for t in self.trials() if t["id"] == trial_id), None)
+        row = self._db.execute("SELECT * FROM trials WHERE id = ?", (trial_id,)).fetchone()
+        return _decode(row) if row else None
 
     def result(self, trial_id: str) -> TrialResult | None:
         t = self.trial(trial_id)
@@ -195,11 +190,12 @@ class Store:
         return out
 
     # -- frames for stats / plots / report (pandas imported lazily)
-    def trials_frame(self) -> Any:
+    def trials_frame(self, trials: list[dict[str, Any]] | None = None) -> Any:
+        """One row per trial, one column per metric; ``trials`` reuses rows already read."""
         import pandas as pd
 
         rows = []
-        for t in self.trials():
+        for t in self.trials() if trials is None else trials:
             ad = t["config"].get("adapter", {})
             row = {
                 "trial_id": t["id"],
@@ -241,6 +237,13 @@ class _transaction:
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _decode(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    for k in ("config", "metrics", "environment", "artifacts"):
+        d[k] = json.loads(d[k])
+    return d
 
 
 def _num(v: Any) -> float | None:

@@ -276,15 +276,14 @@ def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
 
     run_dir = Path(run_dir)
     with open_store(run_dir) as store:
-        trials, curves, meta = store.trials_frame(), store.curves_frame(), store.meta()
-        meta["environment"] = next(
-            (t["environment"] for t in store.trials() if t["environment"]), {}
-        )
-        adapters = {
-            t["label"]: _adapter_path(run_dir, t["artifacts"]["adapter_dir"])
-            for t in store.trials()
-            if t["status"] == "complete" and t["artifacts"].get("adapter_dir")
-        }
+        rows = store.trials()
+        trials, curves, meta = store.trials_frame(rows), store.curves_frame(), store.meta()
+    meta["environment"] = next((t["environment"] for t in rows if t["environment"]), {})
+    adapters = {
+        t["label"]: _adapter_path(run_dir, t["artifacts"]["adapter_dir"])
+        for t in rows
+        if t["status"] == "complete" and t["artifacts"].get("adapter_dir")
+    }
     if trials.empty or trials["status"].ne("complete").all():
         return None  # nothing measured yet: `lorasweep status` shows the failures
     sections = []
