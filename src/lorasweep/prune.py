@@ -16,6 +16,10 @@ The rule, at each rung:
 4. with a single seed there is no test, so nothing is dropped: pruning needs seeds.
 
 So a rung never drops more than plain successive halving would, and usually less.
+
+Also here, for the orchestration in ``sweep.py`` (still no torch): ``PruneSettings``,
+``planned_steps`` (the Trainer's step count, so rungs are known before any trial runs) and
+``merge_segments`` (one trial's result from the segments it ran between rungs).
 """
 
 from __future__ import annotations
@@ -27,7 +31,105 @@ import numpy as np
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
+from lorasweep.results import TrialResult
 from lorasweep.stats import ALPHA, MIN_PAIRS
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """``--prune`` options: the halving factor, the first rung's minimum steps, the test level."""
+
+    eta: int = 2
+    min_steps: int = 10
+    alpha: float = ALPHA
+
+    def __post_init__(self) -> None:
+        if self.eta < 2:
+            raise ValueError(f"--prune-eta: must be >= 2, got {self.eta}")
+        if self.min_steps < 1:
+            raise ValueError(f"--prune-min-steps: must be >= 1, got {self.min_steps}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"--prune-alpha: must be in (0, 1), got {self.alpha}")
+
+    def to_dict(self) -> dict[str, float]:
+        return {"eta": self.eta, "min_steps": self.min_steps, "alpha": self.alpha}
+
+
+def planned_steps(training: dict, n_train: int) -> int:
+    """Optimizer steps of a run, counted as the HF Trainer counts them.
+
+    ``training`` holds TrainingArguments names (missing ones take the Trainer's defaults);
+    ``n_train`` is the number of training examples.
+    """
+    max_steps = int(training.get("max_steps") or 0)
+    if max_steps > 0:
+        return max_steps
+    bs = int(training.get("per_device_train_batch_size", 8))
+    accum = int(training.get("gradient_accumulation_steps", 1))
+    batches = n_train // bs
+    if not training.get("dataloader_drop_last", False) and n_train % bs:
+        batches += 1
+    per_epoch = max(1, math.ceil(batches / accum))
+    return int(math.ceil(per_epoch * float(training.get("num_train_epochs", 3.0))))
+
+
+_SUMMED = ("train_seconds", "load_seconds", "train_examples", "train_tokens",
+           "rung_eval_seconds", "train_segments")  # fmt: skip
+_MAXED = ("peak_cpu_rss_bytes", "sampled_peak_cpu_rss_bytes", "peak_gpu_allocated_bytes",
+          "peak_gpu_reserved_bytes")  # fmt: skip
+_TIME_WEIGHTED = ("mean_cpu_rss_bytes", "mean_gpu_allocated_bytes")
+
+
+def merge_segments(prev: TrialResult | None, new: TrialResult) -> TrialResult:
+    """One trial's result from a paused segment ``prev`` (up to a rung) and the next one.
+
+    The new segment's eval metrics and final state win; times, examples and tokens add up;
+    peaks take the maximum; mean memory is weighted by training time; the training-loss mean is
+    weighted by steps; throughput is recomputed from the sums; curves are joined by step.
+    ``prev`` None (or not a paused segment) returns ``new`` unchanged.
+    """
+    if prev is None or not prev.artifacts.get("paused"):
+        return new
+    pm, nm = prev.metrics, new.metrics
+    m = dict(nm)
+    for k in _SUMMED:
+        if k in pm or k in nm:
+            m[k] = float(pm.get(k) or 0.0) + float(nm.get(k) or 0.0)
+    for k in _MAXED:
+        vals = [v for v in (pm.get(k), nm.get(k)) if v is not None]
+        if vals:
+            m[k] = float(max(vals))
+    tp, tn = float(pm.get("train_seconds") or 0.0), float(nm.get("train_seconds") or 0.0)
+    for k in _TIME_WEIGHTED:
+        if pm.get(k) is not None and nm.get(k) is not None and tp + tn > 0:
+            m[k] = (pm[k] * tp + nm[k] * tn) / (tp + tn)
+        elif k in pm and k not in nm:
+            m[k] = pm[k]
+    sp = float(prev.artifacts["paused"]["step"])
+    sn = float(nm.get("train_steps") or sp) - sp
+    if pm.get("train_loss_mean") is not None and nm.get("train_loss_mean") is not None:
+        m["train_loss_mean"] = (pm["train_loss_mean"] * sp + nm["train_loss_mean"] * sn) / (sp + sn)
+    if m.get("train_seconds"):
+        for count, rate in (("train_examples", "examples_per_second"),
+                            ("train_tokens", "tokens_per_second")):  # fmt: skip
+            if m.get(count) is not None:
+                m[rate] = m[count] / m["train_seconds"]
+    curves: dict[str, list[list[float]]] = {}
+    for name in dict.fromkeys([*prev.curves, *new.curves]):
+        pts = {float(s): v for s, v in prev.curves.get(name, [])}
+        pts.update({float(s): v for s, v in new.curves.get(name, [])})
+        curves[name] = [[s, pts[s]] for s in sorted(pts)]
+    artifacts = {k: v for k, v in prev.artifacts.items() if k != "paused"}
+    artifacts.update(new.artifacts)
+    return TrialResult(
+        trial_id=new.trial_id,
+        status=new.status,
+        metrics=m,
+        curves=curves,
+        error=new.error,
+        environment=new.environment or prev.environment,
+        artifacts=artifacts,
+    )
 
 
 def rung_steps(max_steps: int, *, eta: int = 2, min_steps: int = 10) -> list[int]:

@@ -60,8 +60,10 @@ class _Recorder(TrainerCallback):
         self.adalora = adalora  # the trial's adapter block when the method is AdaLoRA
         self.loss_curve: list[list[float]] = []
         self.diverged_at: int | None = None
+        self.start_step = 0  # > 0 when resumed from a checkpoint
 
     def on_train_begin(self, args, state, control, model=None, **kw):  # noqa: ANN001
+        self.start_step = state.global_step
         # AdaLoRA's budget schedule was built from an estimate of the run's length; the
         # Trainer's own count is the truth (peft's allocator reads this same config object).
         if self.adalora:
@@ -91,6 +93,60 @@ class _Recorder(TrainerCallback):
         if not math.isfinite(loss):
             self.diverged_at = state.global_step
             control.should_training_stop = True
+
+
+class _PauseAt(TrainerCallback):
+    """Stop at a pruning rung with a full checkpoint (adapter, optimizer, scheduler, RNG states).
+
+    The learning-rate schedule stays the full run's, so a run paused and resumed at rungs takes
+    exactly the steps of an unpaused run (tested to 1e-6).
+    """
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class _AdaLoraState(TrainerCallback):
+    """AdaLoRA's rank allocator keeps its importance scores in Python dicts that a Trainer
+    checkpoint does not hold; saved beside the checkpoint and restored on resume, so a paused
+    AdaLoRA trial allocates the same ranks as an unpaused one."""
+
+    FILE = "lorasweep_adalora_state.pt"
+    KEYS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+    def __init__(self, resume_from: str | None):
+        self.resume_from = resume_from
+        self._pattern: Any = None
+
+    def on_step_end(self, args, state, control, model=None, **kw):  # noqa: ANN001
+        # peft saves AdaLoRA weights cut to the current rank pattern; the checkpoint must keep
+        # all init_r rows (masked ones can come back), so the pattern is lifted during the save
+        if control.should_save:
+            cfg = model.peft_config["default"]
+            self._pattern, cfg.rank_pattern = cfg.rank_pattern, None
+
+    def on_train_begin(self, args, state, control, model=None, **kw):  # noqa: ANN001
+        path = Path(self.resume_from or "") / self.FILE
+        if self.resume_from and path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            alloc = model.base_model.rankallocator
+            dev = next(model.parameters()).device
+            for k in self.KEYS:
+                setattr(alloc, k, {n: t.to(dev) for n, t in saved[k].items()})
+            model.peft_config["default"].rank_pattern = saved["rank_pattern"]
+
+    def on_save(self, args, state, control, model=None, **kw):  # noqa: ANN001
+        alloc = model.base_model.rankallocator
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        saved = {k: {n: t.detach().cpu() for n, t in getattr(alloc, k).items()} for k in self.KEYS}
+        saved["rank_pattern"] = self._pattern
+        torch.save(saved, folder / self.FILE)
+        model.peft_config["default"].rank_pattern = self._pattern
 
 
 class _CountingCollator:
@@ -173,13 +229,11 @@ def build_peft_config(model: Any, ad: dict[str, Any], task: str, total_steps: in
 
 def _total_steps(args: TrainingArguments, n_train: int) -> int:
     """Optimizer steps of the run, as the Trainer counts them (checked again at train begin)."""
-    if args.max_steps and args.max_steps > 0:
-        return int(args.max_steps)
-    batches = n_train // args.per_device_train_batch_size
-    if not args.dataloader_drop_last and n_train % args.per_device_train_batch_size:
-        batches += 1
-    per_epoch = max(1, math.ceil(batches / args.gradient_accumulation_steps))
-    return int(math.ceil(per_epoch * args.num_train_epochs))
+    from lorasweep.prune import planned_steps
+
+    keys = ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "dataloader_drop_last", "num_train_epochs")  # fmt: skip
+    return planned_steps({k: getattr(args, k) for k in keys}, n_train)
 
 
 def adalora_allocation(model: Any) -> tuple[dict[str, int], int]:
@@ -413,51 +467,76 @@ def _run(
         inner = CausalCollator(tokenizer)
     collator = _CountingCollator(inner)
     recorder = _Recorder(trial.id, progress, adalora=ad if ad["method"] == "adalora" else None)
+    # a pruning segment: run up to ``stop_at`` (then pause) and/or continue from a checkpoint
+    segment = context.get("segment") or {}
+    stop_at, resume_from = segment.get("stop_at"), segment.get("resume_from")
+    callbacks: list[TrainerCallback] = [recorder]
+    if stop_at:
+        callbacks.append(_PauseAt(int(stop_at)))
+    if ad["method"] == "adalora" and (stop_at or resume_from):
+        callbacks.append(_AdaLoraState(resume_from))
     trainer = Trainer(
-        model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=[recorder]
+        model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=callbacks
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to lorasweep's display instead
 
     # -- train: the training loop alone is timed
     monitor.mark_train(True)
     with monitor.timer("train"):
-        train_out = trainer.train()
+        train_out = trainer.train(resume_from_checkpoint=resume_from)
     monitor.mark_train(False)
     result.curves["train_loss"] = recorder.loss_curve
     if recorder.diverged_at is not None:
         result.metrics.update(train_seconds=monitor.timings["train"])
         raise Diverged(f"training loss became non-finite at step {recorder.diverged_at}")
+    step = trainer.state.global_step
+    paused = bool(stop_at) and step == stop_at and step < trainer.state.max_steps
     examples, tokens = collator.consumed(
-        trainer.state.global_step * args.gradient_accumulation_steps
+        (step - recorder.start_step) * args.gradient_accumulation_steps
     )
 
-    # -- evaluate
-    with monitor.timer("eval"):
+    # -- evaluate (at a rung too: the same evaluation as the final one)
+    with monitor.timer("rung_eval" if paused else "eval"):
         if task == "classification":
             pred = trainer.predict(eval_ds)
             metrics = _classification_metrics(pred.predictions, pred.label_ids)
         else:
             metrics = _causal_eval(trainer, eval_ds)
+    for k, v in metrics.items():  # eval_accuracy, eval_f1, eval_loss, eval_perplexity
+        if k != "eval_tokens":
+            result.curves[f"eval_{k.removeprefix('eval_')}"] = [[float(step), v]]
     if not all(math.isfinite(v) for v in metrics.values()):
-        raise Diverged(f"evaluation is not finite: {metrics}")
-
-    # -- save the adapter and measure it
-    adapter_dir = workdir / "adapter"
-    model.save_pretrained(str(adapter_dir))
+        raise Diverged(f"evaluation is not finite at step {step}: {metrics}")
     train_secs = monitor.timings["train"]
     m = result.metrics
     m.update(metrics)
     m.update(
         train_loss=recorder.loss_curve[-1][1] if recorder.loss_curve else train_out.training_loss,
         train_loss_mean=float(train_out.training_loss),
-        train_steps=float(trainer.state.global_step),
+        train_steps=float(step),
+        train_examples=float(examples),
+        train_tokens=float(tokens),
+        train_segments=1.0,
         examples_per_second=examples / train_secs,
         tokens_per_second=tokens / train_secs,
         trainable_params=float(trainable),
         total_params=float(total),
         trainable_percent=100.0 * trainable / total,
-        adapter_bytes=float(sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())),
     )
+    if paused:
+        # keep the checkpoint outside the Trainer's output folder, which is deleted at the end
+        ckpt = workdir / "checkpoints" / f"step-{step}"
+        shutil.rmtree(ckpt, ignore_errors=True)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(Path(args.output_dir) / f"checkpoint-{step}"), str(ckpt))
+        result.artifacts["paused"] = {"step": step, "checkpoint": str(ckpt)}
+        result.status = TrialStatus.PENDING
+        return
+
+    # -- save the adapter and measure it
+    adapter_dir = workdir / "adapter"
+    model.save_pretrained(str(adapter_dir))
+    m["adapter_bytes"] = float(sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()))
     # the scale read back from the model; one number unless a rank pattern gives groups their own
     scales = lora_scales(model)
     result.artifacts["lora_scales"] = scales
