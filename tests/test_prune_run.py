@@ -52,8 +52,12 @@ def test_paused_and_resumed_trial_equals_unpaused(tiny_bert_dir, tiny_csv, tmp_p
         tiny_classification_spec(
             tiny_bert_dir,
             tiny_csv,
-            training={"learning_rate": 5e-3, "per_device_train_batch_size": 8, "max_steps": 12,
-                      "logging_steps": 2},  # fmt: skip
+            training={
+                "learning_rate": 5e-3,
+                "per_device_train_batch_size": 8,
+                "max_steps": 12,
+                "logging_steps": 2,
+            },  # fmt: skip
             lora=lora,
             grid=grid,
             seeds=[0],
@@ -79,3 +83,127 @@ def test_paused_and_resumed_trial_equals_unpaused(tiny_bert_dir, tiny_csv, tmp_p
     if method == "adalora":
         assert parts.artifacts["adalora_final_ranks"] == full.artifacts["adalora_final_ranks"]
     assert math.isfinite(parts.metrics["examples_per_second"])
+
+
+def _ruined_spec(model_dir: Path, csv: Path) -> dict:
+    """Two configurations, 4 seeds, 8 steps: plain LoRA, and one whose learning rate (1e3)
+    wrecks the model without a non-finite loss (eval loss in the thousands at step 2, but
+    spread so widely that 3 seeds give a paired p of 0.06: the test is honest about noise)."""
+    return tiny_classification_spec(
+        model_dir,
+        csv,
+        training={"learning_rate": 1e-3, "per_device_train_batch_size": 8, "max_steps": 8},
+        variants={"lora": {}, "ruined": {"rank": 4, "training": {"learning_rate": 1e3}}},
+        grid={"rank": [4]},
+        seeds=[0, 1, 2, 3],
+    )
+
+
+def _settings():
+    from lorasweep.prune import PruneSettings
+
+    return PruneSettings(min_steps=2, metric="eval_loss")  # rungs at steps 2 and 4 of 8
+
+
+def test_prune_sweep_drops_the_worse_config_and_survivors_match_the_full_grid(
+    tiny_bert_dir, tiny_csv, tmp_path, monkeypatch
+):
+    from lorasweep import sweep as sweep_mod
+    from lorasweep.store import open_store
+    from lorasweep.sweep import run_sweep
+
+    spec = _ruined_spec(tiny_bert_dir, tiny_csv)
+    full = run_sweep(spec, tmp_path / "full", backend="inprocess", quiet=True, report=False)
+    assert full.statuses == {"complete": 8}
+
+    # kill the pruned sweep (Ctrl-C) in the middle of rung 2; the resume must go on from the
+    # stored rung checkpoints and decisions
+    calls = {"n": 0}
+    finish = sweep_mod.Progress.finish
+
+    def interrupting_finish(self, result):
+        finish(self, result)
+        calls["n"] += 1
+        if calls["n"] == 10:  # rung 1: 8 segments; rung 2 (ruined dropped): 4 segments
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_mod.Progress, "finish", interrupting_finish)
+    out = tmp_path / "pruned"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, out, backend="inprocess", quiet=True, prune=_settings())
+    with open_store(out) as store:
+        mid = {t["label"]: t for t in store.trials()}
+    assert {t["status"] for k, t in mid.items() if k.startswith("ruined")} == {"pruned"}
+    paused = sorted(
+        t["artifacts"]["paused"]["step"] for k, t in mid.items() if k.startswith("lora")
+    )
+    assert paused == [2, 2, 4, 4]
+    monkeypatch.setattr(sweep_mod.Progress, "finish", finish)
+
+    outcome = run_sweep(spec, out, backend="inprocess", quiet=True, prune=_settings())
+    assert outcome.statuses == {"complete": 4, "pruned": 4}
+    with open_store(out) as store:
+        meta, trials = store.meta()["prune"], {t["label"]: t for t in store.trials()}
+        curves = {t["label"]: store.curves_of(t["id"]) for t in store.trials()}
+    assert [d["step"] for d in meta["decisions"]] == [2, 4]
+    assert meta["decisions"][0]["drop"] == ["ruined r=4"]
+    assert meta["decisions"][1]["drop"] == []
+    with open_store(tmp_path / "full") as store:
+        reference = {t["label"]: t for t in store.trials()}
+    for label, t in trials.items():
+        if label.startswith("ruined"):
+            assert t["status"] == "pruned"
+            assert t["error"].startswith("pruned at step 2: significantly worse than lora r=4")
+            assert t["metrics"]["train_steps"] == 2 and t["metrics"]["eval_loss"] > 10
+            assert [s for s, _ in curves[label]["eval_loss"]] == [2]
+        else:  # survivors: the same numbers as the unpruned sweep, rung evaluations recorded
+            assert t["status"] == "complete"
+            for k in ("accuracy", "eval_loss", "train_loss", "train_steps"):
+                assert t["metrics"][k] == pytest.approx(reference[label]["metrics"][k], abs=1e-6)
+            assert [s for s, _ in curves[label]["eval_loss"]] == [2, 4, 8]
+        assert not (out / "trials" / t["id"] / "checkpoints").exists()  # no checkpoint left
+    # every survivor ran its 3 segments in exactly 3 starts, interrupted or not: nothing twice
+    assert {trials[f"lora/r=4/seed={s}"]["attempts"] for s in range(4)} == {3}
+
+    # nothing left to run; a different setting on this folder is refused
+    again = run_sweep(spec, out, backend="inprocess", quiet=True, prune=_settings())
+    assert again.ran == 0
+    from lorasweep.prune import PruneSettings
+
+    with pytest.raises(ValueError, match="--prune: this run folder was pruned with"):
+        run_sweep(spec, out, backend="inprocess", quiet=True,
+                  prune=PruneSettings(min_steps=2, metric="eval_loss", eta=3, ))  # fmt: skip
+
+    # the report says what pruning did and saved: 4 x 8 + 4 x 2 of 64 trial-steps
+    html = (out / "report.html").read_text()
+    assert "Pruning" in html and "Trained <b>40</b> of 64 trial-steps" in html
+    assert "38% saved" in html and "pruned at step 2" in html
+
+
+def test_prune_bad_inputs_are_one_line_errors(tiny_bert_dir, tiny_csv, tmp_path):
+    import yaml
+
+    from lorasweep.cli import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(_ruined_spec(tiny_bert_dir, tiny_csv) | {"seeds": [0]}))
+    cases = [
+        ([], "--prune: needs at least 2 seeds"),
+        (["--prune-metric", "perplexity"], "--prune-metric: 'perplexity' is not measured"),
+        (["--prune-eta", "1"], "--prune-eta: must be >= 2, got 1"),
+        (["--prune-tolerance", "-1"], "--prune-tolerance: must be >= 0"),
+    ]
+    for extra, message in cases:
+        if extra:
+            spec.write_text(yaml.safe_dump(_ruined_spec(tiny_bert_dir, tiny_csv)))
+        out = tmp_path / f"run{len(extra)}{extra[:1]}"
+        import contextlib
+        import io
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["run", str(spec), "--out", str(out), "--prune", *extra])
+        assert code == 2, extra
+        lines = err.getvalue().strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (extra, lines)
+        assert not out.exists()  # refused before anything was created

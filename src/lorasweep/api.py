@@ -101,6 +101,7 @@ class Sweep:
         retry: tuple[str, ...] = (),
         report: bool = True,
         quiet: bool = False,
+        prune: bool | Any = False,
     ) -> Results:
         """Run (or resume) the sweep into ``out_dir``; finished trials are never run again.
 
@@ -112,6 +113,9 @@ class Sweep:
             retry: statuses to run again: "failed", "oom".
             report: write ``out_dir/report.html`` at the end.
             quiet: no progress lines.
+            prune: True (or a ``lorasweep.prune.PruneSettings``) for successive halving: trials
+                pause at rungs and configurations significantly worse than the best are stored
+                ``pruned``, as ``lorasweep run --prune``.
         """
         from lorasweep.sweep import run_sweep
 
@@ -123,6 +127,7 @@ class Sweep:
             retry=tuple(retry),
             report=report,
             quiet=quiet,
+            prune=prune,
         )
         return Results(outcome.out_dir, outcome=outcome)
 

@@ -33,6 +33,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lorasweep.sweep import run_sweep
 
     retry = tuple(x for x in (args.retry or "").split(",") if x)
+    prune = None
+    if args.prune:
+        from lorasweep.prune import PruneSettings
+
+        prune = PruneSettings(
+            eta=args.prune_eta,
+            min_steps=args.prune_min_steps,
+            alpha=args.prune_alpha,
+            metric=args.prune_metric,
+            tolerance=args.prune_tolerance,
+        )
     outcome = run_sweep(
         args.spec,
         args.out,
@@ -41,6 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         retry=retry,
         address=getattr(args, "address", None),
         quiet=args.quiet,
+        prune=prune,
     )
     _print_outcome(outcome)
     return 0
@@ -61,11 +73,15 @@ def _print_outcome(outcome: Any) -> None:
         f"{outcome.skipped} already recorded ({st}). Results in {outcome.out_dir}"
     )
     with open_store(outcome.out_dir) as store:
-        df = store.trials_frame()
+        df, prune_state = store.trials_frame(), store.meta().get("prune")
     try:
         print(format_analysis(analyze(df)))
     except ValueError as e:
         print(f"(no analysis: {e})")
+    if prune_state:
+        from lorasweep.prune import format_pruning, pruning_summary
+
+        print(format_pruning(pruning_summary(prune_state, df)))
     if outcome.report:
         print(f"Report: {outcome.report}")
 
@@ -84,6 +100,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "variant": t["variant"],
             "metrics": t["metrics"],
             "error": t["error"],
+            "paused": t["artifacts"].get("paused"),
         }
         for t in trials
     ]
@@ -100,6 +117,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         shown = " ".join(
             f"{k}={m[k]:.4g}" for k in ("accuracy", "f1", "perplexity") if m.get(k) is not None
         )
+        if r["status"] in ("pending", "running") and r.get("paused"):
+            shown = f"paused at step {r['paused']['step']}: {shown}"
         if r["error"]:
             shown += " " + r["error"].splitlines()[-1][:80]
         rank = "-" if r["rank"] is None else r["rank"]
@@ -261,6 +280,30 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry", default="", help="re-run trials with these statuses: failed,oom")
     p.add_argument("--address", default=None, help="Ray cluster address (auto or HOST:PORT)")
     p.add_argument("--quiet", action="store_true", help="no live progress display")
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="successive halving: drop configurations significantly worse than the best at "
+        "intermediate rungs (needs >= 2 seeds)",
+    )
+    p.add_argument("--prune-eta", type=int, default=2, help="halving factor (default 2)")
+    p.add_argument(
+        "--prune-min-steps", type=int, default=10, help="steps of the first rung, at least (10)"
+    )
+    p.add_argument(
+        "--prune-alpha", type=float, default=0.05, help="level of the Holm-adjusted tests (0.05)"
+    )
+    p.add_argument(
+        "--prune-metric",
+        default=None,
+        help="eval metric compared at rungs (default: accuracy, or perplexity for causal-lm)",
+    )
+    p.add_argument(
+        "--prune-tolerance",
+        type=float,
+        default=0.0,
+        help="drop only configurations worse than the best by more than this (metric units)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

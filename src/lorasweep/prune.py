@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps
@@ -42,6 +43,10 @@ class PruneSettings:
     eta: int = 2
     min_steps: int = 10
     alpha: float = ALPHA
+    metric: str | None = None
+    """the eval metric compared at rungs; default the task's (accuracy, perplexity)."""
+    tolerance: float = 0.0
+    """drop only configurations worse than the best by more than this (metric units)."""
 
     def __post_init__(self) -> None:
         if self.eta < 2:
@@ -50,9 +55,34 @@ class PruneSettings:
             raise ValueError(f"--prune-min-steps: must be >= 1, got {self.min_steps}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"--prune-alpha: must be in (0, 1), got {self.alpha}")
+        if self.tolerance < 0:
+            raise ValueError(f"--prune-tolerance: must be >= 0, got {self.tolerance}")
 
-    def to_dict(self) -> dict[str, float]:
-        return {"eta": self.eta, "min_steps": self.min_steps, "alpha": self.alpha}
+    def metric_for(self, task: str) -> str:
+        """The rung metric for a task, checked against what the task's evaluation produces."""
+        choices = RUNG_METRICS[task]
+        if self.metric is None:
+            return choices[0]
+        if self.metric not in choices:
+            raise ValueError(
+                f"--prune-metric: {self.metric!r} is not measured for {task}; "
+                f"choose from {', '.join(choices)}"
+            )
+        return self.metric
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"eta": self.eta, "min_steps": self.min_steps, "alpha": self.alpha,
+                "metric": self.metric, "tolerance": self.tolerance}  # fmt: skip
+
+
+def eval_curve(metric: str) -> str:
+    """The stored curve of an eval metric over steps: eval_accuracy, eval_loss, eval_perplexity."""
+    return "eval_" + metric.removeprefix("eval_")
+
+
+# eval metrics a rung can compare, per task; the first is the default
+RUNG_METRICS = {"classification": ("accuracy", "f1", "eval_loss"),
+                "causal-lm": ("perplexity", "eval_loss")}  # fmt: skip
 
 
 def planned_steps(training: dict, n_train: int) -> int:
@@ -158,12 +188,14 @@ class RungDecision:
 
 
 def _one_sided_p(
-    best: dict[int, float], other: dict[int, float], sign: float
+    best: dict[int, float], other: dict[int, float], sign: float, tolerance: float = 0.0
 ) -> tuple[float | None, str]:
-    """p-value of "other is worse than best" (sign +1: higher is better) and the test's name."""
+    """p-value of "other is worse than best by more than ``tolerance``" (sign +1: higher is
+    better) and the test's name."""
     common = sorted(set(best) & set(other))
     if len(common) >= MIN_PAIRS:
         d = sign * (np.array([best[s] for s in common]) - np.array([other[s] for s in common]))
+        d = d - tolerance
         if np.allclose(d, d[0]):  # no variance: worse in every seed by the same amount, or equal
             return (0.0 if d[0] > 0 else 1.0), f"paired ({len(common)} seeds, constant gap)"
         t = sps.ttest_1samp(d, 0.0, alternative="greater")
@@ -171,7 +203,10 @@ def _one_sided_p(
     vb, vo = list(best.values()), list(other.values())
     if len(vb) >= 2 and len(vo) >= 2:
         t = sps.ttest_ind(
-            sign * np.array(vb), sign * np.array(vo), equal_var=False, alternative="greater"
+            sign * np.array(vb) - tolerance,
+            sign * np.array(vo),
+            equal_var=False,
+            alternative="greater",
         )
         p = float(t.pvalue)
         return (None if math.isnan(p) else p), f"Welch t ({len(vb)} vs {len(vo)} seeds)"
@@ -185,6 +220,7 @@ def decide_rung(
     higher_is_better: bool,
     eta: int = 2,
     alpha: float = ALPHA,
+    tolerance: float = 0.0,
 ) -> RungDecision:
     """Which configurations to drop at a rung.
 
@@ -195,6 +231,9 @@ def decide_rung(
         higher_is_better: direction of the metric.
         eta: successive-halving factor: at most ``n - ceil(n / eta)`` configurations are dropped.
         alpha: family-wise level of the Holm-adjusted tests at this rung.
+        tolerance: a candidate is dropped only if significantly worse than the best by more
+            than this (in the metric's units): the null hypothesis is "worse by at most
+            ``tolerance``". 0 tests plain "worse".
     """
     sign = 1.0 if higher_is_better else -1.0
     worst = -math.inf if higher_is_better else math.inf
@@ -221,9 +260,9 @@ def decide_rung(
         if any(math.isinf(v) for v in clean[c].values()) and not any(
             math.isinf(v) for v in clean[best].values()
         ):
-            p, name = 0.0, "non-finite value (diverged seed)"
+            p, name = 0.0, "a seed diverged"
         else:
-            p, name = _one_sided_p(clean[best], clean[c], sign)
+            p, name = _one_sided_p(clean[best], clean[c], sign, tolerance)
         if p is None:
             reasons[c] = f"kept: {name}"
             continue
@@ -233,9 +272,144 @@ def decide_rung(
     if tested:
         reject, adj, _, _ = multipletests(pvals, alpha=alpha, method="holm")
         for (c, name), r, p in zip(tested, reject, adj, strict=True):
-            verdict = "dropped" if r else "kept"
-            reasons[c] = f"{verdict}: worse than {best}? {name}, Holm p={p:.3g}"
+            verdict = "dropped: significantly" if r else "kept: not significantly"
+            margin = f" by more than {tolerance:g}" if tolerance else ""
+            reasons[c] = f"{verdict} worse than {best}{margin} ({name}, Holm p={p:.3g})"
             if r:
                 drop.append(c)
     keep = [c for c in order if c not in drop]
     return RungDecision(step=step, best=best, keep=keep, drop=drop, reasons=reasons)
+
+
+# ------------------------------------------------------------------------------------------
+# what pruning saved: numbers for the report and the command line
+
+
+def pruning_summary(state: dict[str, Any], trials: Any) -> dict[str, Any]:
+    """Trial-steps and training seconds of a pruned sweep against the full grid.
+
+    ``state`` is the run's ``meta["prune"]``; ``trials`` the store's trials frame. Seconds the
+    full grid would have taken are estimated per configuration from its own measured seconds
+    per step (pruned trials ran the first steps, which cost what later steps cost).
+    """
+    import pandas as pd
+
+    total = int(state["total_steps"])
+    df = trials.copy()
+    steps = pd.to_numeric(df.get("train_steps"), errors="coerce")
+    done = df["status"].eq("complete")
+    df["_steps"] = steps.where(steps.notna(), done * total).fillna(0.0)
+    secs = pd.to_numeric(df.get("train_seconds"), errors="coerce").fillna(0.0)
+    df["_secs"] = secs
+    full_steps = total * len(df)
+    run_steps = float(df["_steps"].sum())
+    # seconds per step of each configuration, from all its trials' steps (pruned ones included)
+    key = df["variant"].astype(str) + "/" + df["rank"].astype(str)
+    sums = df.groupby(key)[["_secs", "_steps"]].sum()
+    per_step = (sums["_secs"] / sums["_steps"].where(sums["_steps"] > 0)).to_dict()
+    full_secs = float(sum(per_step[k] * total for k in key if math.isfinite(per_step[k])))
+    rung_eval = pd.to_numeric(df.get("rung_eval_seconds"), errors="coerce").fillna(0.0).sum()
+    dropped = [
+        {
+            "config": c,
+            "step": d["step"],
+            "reason": d["reasons"][c],
+            "mean": d["means"].get(c),
+            "best": d["best"],
+            "best_mean": d["means"].get(d["best"]),
+        }  # fmt: skip
+        for d in state["decisions"]
+        for c in d["drop"]
+    ]
+    return {
+        "metric": state["metric"],
+        "direction": state["direction"],
+        "settings": state["settings"],
+        "rungs": state["rungs"],
+        "total_steps": total,
+        "trials": len(df),
+        "pruned_trials": int(df["status"].eq("pruned").sum()),
+        "full_trial_steps": full_steps,
+        "run_trial_steps": run_steps,
+        "saved_fraction": 1.0 - run_steps / full_steps if full_steps else 0.0,
+        "train_seconds": float(df["_secs"].sum()),
+        "full_train_seconds_estimate": full_secs,
+        "rung_eval_seconds": float(rung_eval),
+        "decisions": state["decisions"],
+        "dropped": dropped,
+    }
+
+
+def format_pruning(summary: dict[str, Any]) -> str:
+    """One line for the command line."""
+    s = summary
+    dropped = "; ".join(f"{d['config']} at step {d['step']}" for d in s["dropped"]) or "nothing"
+    return (
+        f"Pruning ({s['metric']} at steps {', '.join(map(str, s['rungs'])) or '-'}): trained "
+        f"{s['run_trial_steps']:.0f} of {s['full_trial_steps']} trial-steps "
+        f"({100 * s['saved_fraction']:.0f}% saved); dropped {dropped}."
+    )
+
+
+def _secs(x: float) -> str:
+    return f"{x:.1f} s" if x < 100 else f"{x / 60:.1f} min"
+
+
+def _why(reason: str) -> str:
+    """A rung reason without its verdict prefix (the table has a decision column)."""
+    for prefix in ("dropped: ", "kept: "):
+        reason = reason.removeprefix(prefix)
+    return reason
+
+
+def pruning_section_html(summary: dict[str, Any], recommended: str | None) -> str:
+    """The report's "Pruning" section: the rule, what each rung decided, what it saved, and
+    what it means for the recommendation."""
+    from html import escape
+
+    s = summary
+    st = s["settings"]
+    rule = (
+        f"Successive halving (eta {st['eta']}) on <b>{escape(s['metric'])}</b> "
+        f"({escape(s['direction'])} is better) at steps {escape(', '.join(map(str, s['rungs'])))}"
+        f" of {s['total_steps']}. At each rung only configurations outside the top 1/eta were "
+        f"candidates, and a candidate was dropped only if a one-sided test across seeds (paired "
+        f"on common seeds, Welch otherwise, Holm-adjusted at {st['alpha']:g}"
+        + (f", worse by more than {st['tolerance']:g}" if st.get("tolerance") else "")
+        + ") showed it worse than the rung's best."
+    )
+    saved = (
+        f"Trained <b>{s['run_trial_steps']:.0f}</b> of {s['full_trial_steps']} trial-steps: "
+        f"<b>{100 * s['saved_fraction']:.0f}% saved</b> ({s['pruned_trials']} of {s['trials']} "
+        f"trials pruned). Training time {_secs(s['train_seconds'])} against about "
+        f"{_secs(s['full_train_seconds_estimate'])} for the full grid (estimated from each "
+        f"configuration's measured seconds per step); the rung evaluations cost "
+        f"{_secs(s['rung_eval_seconds'])}."
+    )
+    rows = []
+    for d in s["decisions"]:
+        for c in sorted(d["means"], key=lambda c: d["keep"].index(c) if c in d["keep"] else 99):
+            verdict = "dropped" if c in d["drop"] else "kept"
+            rows.append(
+                f"<tr class='{verdict}'><td>{d['step']}</td><td>{escape(c)}</td>"
+                f"<td>{d['seeds'].get(c, '')}</td><td>{d['means'][c]:.4g}</td>"
+                f"<td>{verdict}</td><td>{escape(_why(d['reasons'].get(c, '')))}</td></tr>"
+            )
+    table = (
+        "<table><thead><tr><th>step</th><th>configuration</th><th>seeds</th>"
+        f"<th>mean {escape(s['metric'])}</th><th>decision</th><th>why</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+        if rows
+        else "<p>No rung was decided.</p>"
+    )
+    if s["dropped"]:
+        names = ", ".join(f"{escape(d['config'])} (step {d['step']})" for d in s["dropped"])
+        effect = (
+            f"The recommendation{' (' + escape(recommended) + ')' if recommended else ''} is "
+            f"chosen among the configurations trained to the end. The full grid could recommend "
+            f"differently only if a dropped configuration ({names}) would have caught up after "
+            "it was dropped; run the sweep without <code>--prune</code> to check a doubt."
+        )
+    else:
+        effect = "Nothing was dropped, so the recommendation is the one the full grid gives."
+    return f"<p>{rule}</p><p>{saved}</p>{table}<p>{effect}</p>"

@@ -131,6 +131,23 @@ class Store:
                 (TrialStatus.RUNNING.value, time.time(), trial_id),
             )
 
+    def mark_interrupted(self, trial_id: str, error: str) -> None:
+        """Back to ``pending`` with the reason; metrics, curves and artifacts already recorded
+        (a pruning rung's checkpoint, for one) are kept."""
+        with _transaction(self._db):
+            self._db.execute(
+                "UPDATE trials SET status = ?, error = ? WHERE id = ?",
+                (TrialStatus.PENDING.value, error, trial_id),
+            )
+
+    def mark_pruned(self, trial_id: str, reason: str) -> None:
+        """Final state of a trial dropped at a rung: its rung metrics and curves stay as saved."""
+        with _transaction(self._db):
+            self._db.execute(
+                "UPDATE trials SET status = ?, error = ?, finished = ? WHERE id = ?",
+                (TrialStatus.PRUNED.value, reason, time.time(), trial_id),
+            )
+
     def save_result(self, result: TrialResult) -> None:
         """Record a trial's outcome and curves in one transaction."""
         with _transaction(self._db):

@@ -8,17 +8,28 @@ running; they are re-run on resume, and finished trials are never run twice.
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
+from lorasweep.advice import group_label
 from lorasweep.backends import RunContext, get_backend
-from lorasweep.results import Trial, TrialResult, TrialStatus
+from lorasweep.prune import (
+    PruneSettings,
+    decide_rung,
+    eval_curve,
+    merge_segments,
+    planned_steps,
+    rung_steps,
+)
+from lorasweep.results import HIGHER_IS_BETTER, Trial, TrialResult, TrialStatus
 from lorasweep.spec import SweepSpec, parse_spec
 from lorasweep.store import open_store
 
@@ -87,8 +98,12 @@ class Progress:
         shown = ", ".join(f"{k}={m[k]:.4g}" for k in ("accuracy", "f1", "perplexity") if k in m)
         label = trial.label if trial else result.trial_id
         err = f" ({(result.error or '').splitlines()[-1][:120]})" if result.error else ""
+        paused = result.artifacts.get("paused")
+        status = f"paused@{paused['step']}" if paused else result.status.value
+        if result.status == TrialStatus.PENDING and not paused:
+            status = "interrupted"
         self._line(
-            f"[{self.done}/{self.total}] {result.status.value:8s} {label} "
+            f"[{self.done}/{self.total}] {status:8s} {label} "
             f"{shown}{err} in {_fmt_secs(self.durations[-1])} | {self._eta()}",
             True,
         )
@@ -133,13 +148,27 @@ def run_sweep(
     report: bool = True,
     quiet: bool = False,
     validated: bool = False,
+    prune: PruneSettings | bool | None = None,
 ) -> SweepOutcome:
-    """Run (or resume) a sweep into ``out_dir`` and return what happened."""
+    """Run (or resume) a sweep into ``out_dir`` and return what happened.
+
+    ``prune`` (True or a PruneSettings) runs successive halving over the configurations: every
+    surviving trial is paused at each rung, and a configuration significantly worse than the
+    best across seeds is stored ``pruned`` (see ``lorasweep.prune`` and docs/scaling.md).
+    """
     bad = set(retry) - set(RETRYABLE)
     if bad:
         raise ValueError(f"--retry: unknown status {sorted(bad)[0]!r}; choose from failed, oom")
+    settings = PruneSettings() if prune is True else (prune or None)
     if not isinstance(spec, SweepSpec):
         spec = parse_spec(spec)
+    if settings and len(spec.seeds) < 2:
+        raise ValueError(
+            f"--prune: needs at least 2 seeds to test a configuration against the best "
+            f"(seeds: {spec.seeds}); with one seed nothing could ever be dropped"
+        )
+    if settings:
+        settings.metric_for(spec.task)  # a metric the task does not measure: fail before work
     out = Path(out_dir)
     be = get_backend(backend, jobs=jobs, address=address)
     trials = spec.trials()
@@ -149,6 +178,9 @@ def run_sweep(
         from lorasweep.validate import check_spec
 
         check_spec(spec)
+    if settings and (out / "lorasweep.db").exists():
+        with open_store(out) as store:
+            _check_prune_settings(store.meta().get("prune"), settings)
     with open_store(out, create=True) as store:
         store.set_meta(
             name=spec.name,
@@ -162,30 +194,12 @@ def run_sweep(
         todo, skipped = select_trials(store, trials, set(retry))
         ran = 0
         if todo:
-            _prepare_data(spec, out)
-            progress = Progress(len(todo), jobs, quiet=quiet)
-
-            def on_start(t: Trial) -> None:
-                store.mark_running(t.id)
-                progress.start(t)
-
-            ctx = RunContext(
-                out_dir=out,
-                cache_root=out / "cache",
-                name=spec.name,
-                on_start=on_start,
-                on_progress=progress.progress,
-            )
-            estimates = estimate_peaks(todo)
-            for result in be.run(todo, ctx):
-                adapter = result.artifacts.get("adapter_dir")
-                if adapter:  # relative to the run folder, so the folder can be moved
-                    result.artifacts["adapter_dir"] = os.path.relpath(adapter, out)
-                if result.trial_id in estimates:
-                    result.metrics["estimated_peak_bytes"] = estimates[result.trial_id]
-                store.save_result(result)
-                progress.finish(result)
-                ran += 1
+            n_train = _prepare_data(spec, out)
+            runner = _Runner(store, be, out, spec.name, jobs, quiet, estimate_peaks(todo))
+            if settings:
+                ran = _run_pruned(runner, trials, settings, n_train, spec.task, set(retry))
+            else:
+                ran = runner.run(todo, {t.id: {"resume_from": runner.checkpoint(t)} for t in todo})
         statuses: dict[str, int] = {}
         planned_ids = {t.id for t in trials}
         for t in store.trials():
@@ -197,6 +211,203 @@ def run_sweep(
     elif report:
         outcome.report = out / "report.html"
     return outcome
+
+
+class _Runner:
+    """Runs trials (or segments of trials, between pruning rungs) through a backend and records
+    each result the moment it arrives. The parent is the only writer of the store."""
+
+    def __init__(self, store: Any, backend: Any, out: Path, name: str, jobs: int, quiet: bool,
+                 estimates: dict[str, float]):  # fmt: skip
+        self.store, self.backend, self.out, self.name = store, backend, out, name
+        self.jobs, self.quiet, self.estimates = jobs, quiet, estimates
+
+    def paused_at(self, trial: Trial) -> int:
+        """The step a trial is paused at (0: not paused, or its checkpoint is gone)."""
+        return int(self._paused(trial).get("step", 0))
+
+    def checkpoint(self, trial: Trial) -> str | None:
+        path = self._paused(trial).get("checkpoint")
+        return str(self.out / path) if path else None
+
+    def _paused(self, trial: Trial) -> dict[str, Any]:
+        row = self.store.trial(trial.id)
+        paused = (row or {}).get("artifacts", {}).get("paused") or {}
+        if paused and not (self.out / paused["checkpoint"]).exists():
+            return {}  # the checkpoint was removed: the trial starts again from step 0
+        return paused
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def run(self, trials: list[Trial], segments: dict[str, dict[str, Any]]) -> int:
+        progress = Progress(len(trials), self.jobs, quiet=self.quiet)
+
+        def on_start(t: Trial) -> None:
+            self.store.mark_running(t.id)
+            progress.start(t)
+
+        ctx = RunContext(
+            out_dir=self.out,
+            cache_root=self.out / "cache",
+            name=self.name,
+            on_start=on_start,
+            on_progress=progress.progress,
+            segments={k: v for k, v in segments.items() if any(v.values())},
+        )
+        n = 0
+        for result in self.backend.run(trials, ctx):
+            self.record(result, resumed=bool(ctx.segments.get(result.trial_id, {}).get(
+                "resume_from")))  # fmt: skip
+            progress.finish(result)
+            n += 1
+        return n
+
+    def record(self, result: TrialResult, resumed: bool) -> None:
+        """Store one result: a paused segment is merged with the segments before it; an
+        interrupted trial keeps what was recorded (its last rung and checkpoint)."""
+        tid = result.trial_id
+        if result.status == TrialStatus.PENDING and not result.artifacts.get("paused"):
+            self.store.mark_interrupted(tid, result.error or "interrupted")
+            return
+        before = self.store.result(tid) if resumed else None
+        result = merge_segments(before, result)
+        art = result.artifacts
+        if art.get("adapter_dir"):  # relative to the run folder, so the folder can be moved
+            art["adapter_dir"] = os.path.relpath(art["adapter_dir"], self.out)
+        if art.get("paused"):
+            art["paused"]["checkpoint"] = os.path.relpath(art["paused"]["checkpoint"], self.out)
+        if tid in self.estimates:
+            result.metrics["estimated_peak_bytes"] = self.estimates[tid]
+        self.store.save_result(result)
+        # checkpoints go only after the result that replaces them is stored
+        old = ((before.artifacts.get("paused") or {}) if before else {}).get("checkpoint")
+        if art.get("paused"):
+            if old and old != art["paused"]["checkpoint"]:
+                shutil.rmtree(self.out / old, ignore_errors=True)
+        else:
+            shutil.rmtree(self.out / "trials" / tid / "checkpoints", ignore_errors=True)
+
+
+def _check_prune_settings(
+    state: dict[str, Any] | None, settings: PruneSettings, total: int | None = None
+) -> None:
+    """A pruned run folder resumes only with the settings its decisions were made with."""
+    if state and (
+        state["settings"] != settings.to_dict()
+        or (total is not None and state["total_steps"] != total)
+    ):
+        raise ValueError(
+            f"--prune: this run folder was pruned with {state['settings']} over "
+            f"{state['total_steps']} steps; resume it with the same settings"
+        )
+
+
+def _run_pruned(
+    runner: _Runner,
+    trials: list[Trial],
+    settings: PruneSettings,
+    n_train: int,
+    task: str,
+    retry: set[str],
+) -> int:
+    """Successive halving: run every surviving trial to each rung, decide, drop, go on.
+
+    Decisions are stored in ``meta["prune"]`` as they are made, so a resumed sweep applies
+    them again and never decides a rung twice (or differently).
+    """
+    store = runner.store
+    steps = {planned_steps(t.config.get("training") or {}, n_train) for t in trials}
+    if len(steps) > 1:
+        raise ValueError(
+            f"--prune: the trials plan different numbers of steps ({sorted(steps)}); "
+            "rungs compare configurations at the same step, so give every variant the same "
+            "max_steps"
+        )
+    total = steps.pop()
+    rungs = rung_steps(total, eta=settings.eta, min_steps=settings.min_steps)
+    metric = settings.metric_for(task)
+    state = store.meta().get("prune")
+    _check_prune_settings(state, settings, total)
+    if not state:
+        state = {
+            "settings": settings.to_dict(),
+            "metric": metric,
+            "direction": "higher" if HIGHER_IS_BETTER[metric] else "lower",
+            "total_steps": total,
+            "rungs": rungs,
+            "decisions": [],
+        }
+        store.set_meta(prune=state)
+    if not rungs:
+        runner.note(f"--prune: {total} steps leave no rung of >= {settings.min_steps} steps "
+                    f"(eta {settings.eta}); every trial runs to the end")  # fmt: skip
+    config = {t.id: group_label({"variant": t.variant, "rank": t.rank}) for t in trials}
+    ran = 0
+    for i, step in enumerate([*rungs, total]):
+        dropped = {c: d for d in state["decisions"] if d["step"] < step for c in d["drop"]}
+        rows = {t["id"]: t for t in store.trials()}
+
+        def runnable(t: Trial, rows: dict = rows) -> bool:
+            st = rows[t.id]["status"]
+            return st in ("pending", "running") or st in retry
+
+        for t in trials:
+            if config[t.id] in dropped and runnable(t):
+                d = dropped[config[t.id]]
+                why = d["reasons"][config[t.id]].removeprefix("dropped: ")
+                store.mark_pruned(t.id, f"pruned at step {d['step']}: {why}")
+                shutil.rmtree(runner.out / "trials" / t.id / "checkpoints", ignore_errors=True)
+        alive = [t for t in trials if config[t.id] not in dropped and runnable(t)]
+        need = [t for t in alive if runner.paused_at(t) < step]
+        if need:
+            where = f"rung {i + 1}/{len(rungs)}: to step {step}" if step < total else (
+                f"final: to step {total}")  # fmt: skip
+            runner.note(f"-- {where}, {len(need)} trial(s)")
+            segments = {
+                t.id: {
+                    "stop_at": step if step < total else None,
+                    "resume_from": runner.checkpoint(t),
+                }  # fmt: skip
+                for t in need
+            }
+            ran += runner.run(need, segments)
+        if step == total or any(d["step"] == step for d in state["decisions"]):
+            continue
+        values: dict[str, dict[int, float]] = {}
+        waiting = 0
+        rows = {t["id"]: t for t in store.trials()}
+        for t in trials:
+            if config[t.id] in dropped:
+                continue
+            st = rows[t.id]["status"]
+            if st in ("pending", "running"):
+                if runner.paused_at(t) != step:
+                    waiting += 1
+                    continue
+                curve = dict(map(tuple, store.curves_of(t.id).get(eval_curve(metric), [])))
+                values.setdefault(config[t.id], {})[t.seed] = float(curve[float(step)])
+            elif st == "diverged":  # counts as the worst value (see decide_rung)
+                values.setdefault(config[t.id], {})[t.seed] = math.nan
+        if waiting:
+            runner.note(f"--prune: {waiting} trial(s) did not reach step {step} (interrupted); "
+                        "run again to resume and decide this rung")  # fmt: skip
+            return ran
+        if not values:
+            continue
+        dec = decide_rung(values, step, higher_is_better=HIGHER_IS_BETTER[metric],
+                          eta=settings.eta, alpha=settings.alpha,
+                          tolerance=settings.tolerance)  # fmt: skip
+        means = {c: float(sum(v.values()) / len(v)) for c, v in values.items()}
+        state["decisions"].append({**asdict(dec), "means": means,
+                                   "seeds": {c: len(v) for c, v in values.items()}})  # fmt: skip
+        store.set_meta(prune=state)
+        runner.note(
+            f"-- rung at step {step}: best {dec.best} ({metric} {means[dec.best]:.4g}); "
+            + (f"dropped {', '.join(dec.drop)}" if dec.drop else "nothing dropped")
+        )
+    return ran
 
 
 def estimate_peaks(trials: list[Trial]) -> dict[str, float]:
@@ -252,8 +463,9 @@ def _has_work(out: Path, trials: list[Trial], retry: set[str]) -> bool:
         return bool(select_trials(store, trials, retry)[0])
 
 
-def _prepare_data(spec: SweepSpec, out: Path) -> None:
-    """Tokenize once in the parent, so trials (in any worker) only load the cached dataset."""
+def _prepare_data(spec: SweepSpec, out: Path) -> int:
+    """Tokenize once in the parent, so trials (in any worker) only load the cached dataset.
+    Returns the number of training examples (rows of the tokenized train split)."""
     import datasets
 
     from lorasweep import data, models
@@ -261,7 +473,8 @@ def _prepare_data(spec: SweepSpec, out: Path) -> None:
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()  # "Map: 100%" bars would fill a CI log
     tok = models.load_tokenizer(spec.model)
-    data.prepare(spec.dataset.model_dump(), spec.task, spec.model, tok, out / "cache")
+    train, _, _ = data.prepare(spec.dataset.model_dump(), spec.task, spec.model, tok, out / "cache")
+    return len(train)
 
 
 def _adapter_path(run_dir: Path, stored: str) -> Path:
@@ -287,6 +500,15 @@ def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
     if trials.empty or trials["status"].ne("complete").all():
         return None  # nothing measured yet: `lorasweep status` shows the failures
     sections = []
+    if meta.get("prune"):
+        from lorasweep.prune import pruning_section_html, pruning_summary
+        from lorasweep.stats import analyze, group_label
+
+        rec = analyze(trials, **kwargs.get("analysis_kwargs", {}) or {}).get("recommended")
+        html = pruning_section_html(
+            pruning_summary(meta["prune"], trials), group_label(rec["key"]) if rec else None
+        )
+        sections.append({"title": "Pruning", "html": html})
     if adapters:
         try:
             from lorasweep.spectrum import spectrum_section_html

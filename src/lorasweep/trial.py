@@ -502,9 +502,11 @@ def _run(
             metrics = _classification_metrics(pred.predictions, pred.label_ids)
         else:
             metrics = _causal_eval(trainer, eval_ds)
+    from lorasweep.prune import eval_curve
+
     for k, v in metrics.items():  # eval_accuracy, eval_f1, eval_loss, eval_perplexity
         if k != "eval_tokens":
-            result.curves[f"eval_{k.removeprefix('eval_')}"] = [[float(step), v]]
+            result.curves[eval_curve(k)] = [[float(step), v]]
     if not all(math.isfinite(v) for v in metrics.values()):
         raise Diverged(f"evaluation is not finite at step {step}: {metrics}")
     train_secs = monitor.timings["train"]

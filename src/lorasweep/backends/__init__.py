@@ -27,13 +27,17 @@ class RunContext:
     on_start: Callable[[Trial], None] = lambda t: None
     on_progress: Callable[[str, int, int], None] = lambda tid, step, total: None
     extra: dict[str, Any] = field(default_factory=dict)
+    # trial id -> {"stop_at": step or None, "resume_from": checkpoint or None} (pruning rungs)
+    segments: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def trial_dir(self, trial: Trial) -> Path:
         return self.out_dir / "trials" / trial.id
 
-    def trial_context(self, threads: int | None = None) -> dict[str, Any]:
-        return {"name": self.name, "threads": threads, "out_dir": str(self.out_dir),
-                **self.extra}
+    def trial_context(self, trial: Trial, threads: int | None = None) -> dict[str, Any]:
+        ctx = {"name": self.name, "threads": threads, "out_dir": str(self.out_dir), **self.extra}
+        if trial.id in self.segments:
+            ctx["segment"] = self.segments[trial.id]
+        return ctx
 
 
 class Backend(Protocol):

@@ -23,5 +23,5 @@ class InProcessBackend:
                 ctx.trial_dir(trial),
                 cache_root=ctx.cache_root,
                 progress=ctx.on_progress,
-                context=ctx.trial_context(),
+                context=ctx.trial_context(trial),
             )

@@ -176,7 +176,7 @@ class LocalBackend:
                             trial.to_dict(),
                             str(ctx.trial_dir(trial)),
                             str(ctx.cache_root),
-                            ctx.trial_context(threads),
+                            ctx.trial_context(trial, threads),
                             gpus[slot],
                             child_conn,
                             os.getpid(),

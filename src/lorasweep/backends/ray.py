@@ -125,7 +125,7 @@ class RayBackend:
                         trial.to_dict(),
                         str(ctx.trial_dir(trial)),
                         str(ctx.cache_root),
-                        ctx.trial_context(threads),
+                        ctx.trial_context(trial, threads),
                         env,
                     )
                     running[ref] = trial
