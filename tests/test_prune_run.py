@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_classification_spec
+
 from lorasweep.results import TrialStatus
 from lorasweep.spec import parse_spec
 

@@ -287,10 +287,24 @@ def test_time_ties_go_to_fewer_trainable_params():
     """Wall times within 10% are noise: the smaller adapter is recommended, with the reason."""
     rows = []
     for seed, (a4, a16) in enumerate([(0.80, 0.81), (0.81, 0.80), (0.79, 0.80)]):
-        rows.append({"rank": 4, "seed": seed, "accuracy": a4, "train_seconds": 100 + seed,
-                     "trainable_params": 1000})
-        rows.append({"rank": 16, "seed": seed, "accuracy": a16, "train_seconds": 95 + seed,
-                     "trainable_params": 4000})
+        rows.append(
+            {
+                "rank": 4,
+                "seed": seed,
+                "accuracy": a4,
+                "train_seconds": 100 + seed,
+                "trainable_params": 1000,
+            }
+        )
+        rows.append(
+            {
+                "rank": 16,
+                "seed": seed,
+                "accuracy": a16,
+                "train_seconds": 95 + seed,
+                "trainable_params": 4000,
+            }
+        )
     result = stats.analyze(pd.DataFrame(rows))
     assert result["best"]["key"]["rank"] == 16
     assert result["recommended"]["key"]["rank"] == 4
@@ -308,8 +322,15 @@ def test_two_seeds_do_not_prove_a_clearly_lower_config_equivalent():
     rows = []
     for r, accs in {2: (0.74, 0.772), 8: (0.776, 0.782), 32: (0.79, 0.834)}.items():
         for seed, a in enumerate(accs):
-            rows.append({"rank": r, "seed": seed, "accuracy": a, "train_seconds": 50.0,
-                         "trainable_params": 1000 * r})
+            rows.append(
+                {
+                    "rank": r,
+                    "seed": seed,
+                    "accuracy": a,
+                    "train_seconds": 50.0,
+                    "trainable_params": 1000 * r,
+                }
+            )
     res = stats.analyze(pd.DataFrame(rows))
     assert res["recommended"]["key"]["rank"] == 32
     assert "Not accepted as equivalent on too few seeds" in res["reason"]
