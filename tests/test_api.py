@@ -80,7 +80,7 @@ def test_results_frames_are_the_stores(results: Results) -> None:
     assert {"accuracy", "f1", "train_seconds", "trainable_params"} <= set(df.columns)
     with open_store(results.out_dir) as store:
         pd.testing.assert_frame_equal(df, store.trials_frame())
-    assert set(results.curves["curve"]) == {"train_loss"}
+    assert set(results.curves["curve"]) == {"train_loss", "eval_accuracy", "eval_f1", "eval_loss"}
     assert results.meta["name"] == "api"
     assert results.outcome is not None and results.outcome.ran == 4
 

@@ -78,7 +78,8 @@ def test_cli_status_json_and_export(tiny_bert_dir, tiny_csv, tmp_path, capsys):
     assert main(["status", str(tmp_path / "r"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     (t,) = data["trials"]
-    assert set(t) == {"id", "status", "seed", "rank", "variant", "metrics", "error"}
+    assert set(t) == {"id", "status", "seed", "rank", "variant", "metrics", "error", "paused"}
+    assert t["paused"] is None  # a complete trial has no rung checkpoint
     assert t["status"] == "complete" and "accuracy" in t["metrics"]
     assert "trainable_params" in t["metrics"] and "f1" in t["metrics"]
     assert (
