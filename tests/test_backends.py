@@ -168,6 +168,32 @@ def test_ray_same_stored_results_as_local(local_ray, tiny_bert_dir, tiny_csv, tm
     assert run_sweep(spec, tmp_path / "ray", backend="ray", quiet=True, report=False).ran == 0
 
 
+def test_ray_and_local_pruned_trials_resume_across_processes(
+    local_ray, tiny_bert_dir, tiny_csv, tmp_path
+):
+    """--prune with one rung (step 2 of 4): each trial pauses in one worker process and resumes
+    from its checkpoint in another (a fork, a Ray task); the numbers equal an unpaused run."""
+    from lorasweep.prune import PruneSettings
+
+    spec = _spec(tiny_bert_dir, tiny_csv, grid={"rank": [2]}, seeds=[0, 1])
+    prune = PruneSettings(min_steps=2)
+    plain = _stored_run(spec, tmp_path / "plain", backend="inprocess")
+    for backend in ("local", "ray"):
+        out = run_sweep(spec, tmp_path / backend, backend=backend, quiet=True, report=False,
+                        prune=prune)  # fmt: skip
+        assert out.statuses == {"complete": 2} and out.ran == 4  # 2 trials x 2 segments
+        got = _stored(tmp_path / backend)
+        _assert_same_results(plain, got)
+        for t in got.values():
+            assert t["metrics"]["train_segments"] == 2 and t["attempts"] == 2
+            assert [s for s, _ in t["curves"]["eval_accuracy"]] == [2, 4]
+
+
+def _stored_run(spec: dict, out: Path, backend: str) -> dict[str, dict]:
+    run_sweep(spec, out, backend=backend, quiet=True, report=False)
+    return _stored(out)
+
+
 def test_ray_worker_death_is_classified(local_ray):
     from lorasweep.backends.ray import _collect
     from lorasweep.results import Trial, TrialStatus

@@ -196,10 +196,15 @@ def run_sweep(
         if todo:
             n_train = _prepare_data(spec, out)
             runner = _Runner(store, be, out, spec.name, jobs, quiet, estimate_peaks(todo))
-            if settings:
-                ran = _run_pruned(runner, trials, settings, n_train, spec.task, set(retry))
-            else:
-                ran = runner.run(todo, {t.id: {"resume_from": runner.checkpoint(t)} for t in todo})
+            try:
+                if settings:
+                    ran = _run_pruned(runner, trials, settings, n_train, spec.task, set(retry))
+                else:
+                    resume = {t.id: {"resume_from": runner.checkpoint(t)} for t in todo}
+                    ran = runner.run(todo, resume)
+            finally:
+                if hasattr(be, "close"):
+                    be.close()
         statuses: dict[str, int] = {}
         planned_ids = {t.id for t in trials}
         for t in store.trials():

@@ -93,7 +93,6 @@ class RayBackend:
 
     def run(self, trials: list[Trial], ctx: RunContext) -> Iterator[TrialResult]:
         ray = _import_ray()
-        started_here = False
         if not ray.is_initialized():
             # address None starts a local Ray instance (or joins RAY_ADDRESS if set)
             try:
@@ -103,12 +102,14 @@ class RayBackend:
                 raise ValueError(
                     f"--address: cannot reach a Ray cluster at {self.address!r}: {first}"
                 ) from None
-            started_here = True
-        try:
-            yield from self._run(ray, trials, ctx)
-        finally:
-            if started_here:
-                ray.shutdown()
+            self._started = True  # shut down in close(): a pruned sweep calls run() per rung
+        yield from self._run(ray, trials, ctx)
+
+    def close(self) -> None:
+        """Shut down the Ray instance this backend started (a joined cluster is left alone)."""
+        if getattr(self, "_started", False):
+            _import_ray().shutdown()
+            self._started = False
 
     def _run(self, ray: Any, trials: list[Trial], ctx: RunContext) -> Iterator[TrialResult]:
         resources, threads = self._resources(ray)
