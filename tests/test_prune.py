@@ -45,3 +45,53 @@ def test_one_seed_drops_nothing_and_diverged_seed_is_worst():
         {"a": {0: 0.8, 1: 0.81}, "b": {0: 0.79, 1: math.nan}}, 10, higher_is_better=True
     )
     assert d.drop == ["b"]
+
+
+def test_merge_segments_adds_times_keeps_peaks_and_joins_curves():
+    from lorasweep.prune import merge_segments
+    from lorasweep.results import TrialResult, TrialStatus
+
+    prev = TrialResult(
+        "t", TrialStatus.PENDING,
+        metrics={"accuracy": 0.6, "train_seconds": 10.0, "load_seconds": 2.0,
+                 "train_examples": 320.0, "train_tokens": 6400.0, "train_steps": 10.0,
+                 "train_loss_mean": 0.8, "peak_cpu_rss_bytes": 5e8, "mean_cpu_rss_bytes": 4e8,
+                 "rung_eval_seconds": 1.5, "train_segments": 1.0},
+        curves={"train_loss": [[5, 0.9], [10, 0.7]], "eval_accuracy": [[10, 0.6]]},
+        artifacts={"paused": {"step": 10, "checkpoint": "c"}},
+    )  # fmt: skip
+    new = TrialResult(
+        "t", TrialStatus.COMPLETE,
+        metrics={"accuracy": 0.8, "train_seconds": 30.0, "load_seconds": 2.0,
+                 "train_examples": 960.0, "train_tokens": 19200.0, "train_steps": 40.0,
+                 "train_loss_mean": 0.4, "peak_cpu_rss_bytes": 4e8, "mean_cpu_rss_bytes": 3e8,
+                 "eval_seconds": 1.0, "train_segments": 1.0},
+        curves={"train_loss": [[20, 0.5], [40, 0.3]], "eval_accuracy": [[40, 0.8]]},
+        artifacts={"adapter_dir": "a"},
+    )  # fmt: skip
+    m = merge_segments(prev, new)
+    assert m.status == TrialStatus.COMPLETE and m.metrics["accuracy"] == 0.8
+    assert m.metrics["train_seconds"] == 40 and m.metrics["load_seconds"] == 4
+    assert m.metrics["train_examples"] == 1280 and m.metrics["examples_per_second"] == 32
+    assert m.metrics["tokens_per_second"] == 25600 / 40
+    assert m.metrics["peak_cpu_rss_bytes"] == 5e8  # the larger peak
+    assert m.metrics["mean_cpu_rss_bytes"] == (4e8 * 10 + 3e8 * 30) / 40  # time-weighted
+    assert m.metrics["train_loss_mean"] == (0.8 * 10 + 0.4 * 30) / 40  # step-weighted
+    assert m.metrics["rung_eval_seconds"] == 1.5 and m.metrics["eval_seconds"] == 1.0
+    assert m.metrics["train_segments"] == 2
+    assert m.curves["train_loss"] == [[5, 0.9], [10, 0.7], [20, 0.5], [40, 0.3]]
+    assert m.curves["eval_accuracy"] == [[10, 0.6], [40, 0.8]]
+    assert "paused" not in m.artifacts and m.artifacts["adapter_dir"] == "a"
+    assert merge_segments(None, new) is new  # a first segment is stored as it is
+
+
+def test_planned_steps_counts_like_the_trainer():
+    from lorasweep.prune import planned_steps
+
+    assert planned_steps({"max_steps": 80}, 10_000) == 80
+    # 1000 examples, batch 32 -> 32 batches (last one partial), accumulation 4 -> 8 per epoch
+    assert planned_steps({"per_device_train_batch_size": 32, "gradient_accumulation_steps": 4,
+                          "num_train_epochs": 2}, 1000) == 16  # fmt: skip
+    assert planned_steps({"per_device_train_batch_size": 32, "dataloader_drop_last": True,
+                          "num_train_epochs": 1}, 1000) == 31  # fmt: skip
+    assert planned_steps({}, 100) == 39  # Trainer defaults: batch 8, 3 epochs -> 13 x 3

@@ -67,6 +67,8 @@ def _fmt_cost(v: float | None, cost: str | None) -> str:
     if cost.endswith("bytes"):
         return f"{v / 1024**3:.2f} GiB"
     if cost.endswith("seconds"):
+        if v < 10:  # tiny runs (tests, smoke sweeps): "0 s" would hide the difference
+            return f"{v:.2g} s"
         return f"{v:.0f} s" if v < 600 else f"{v / 60:.1f} min"
     if cost.endswith("params"):
         return f"{v:,.0f} params"
