@@ -12,7 +12,7 @@ from lorasweep.results import TrialStatus
 from lorasweep.spec import parse_spec
 
 
-def _segments(trial, workdir: Path, cache: Path, stops: list[int | None]):
+def _segments(trial, workdir: Path, cache: Path, stops: list[int | None], rung_eval=None):
     """Run a trial in segments as the sweep does, merging results as the parent does."""
     from lorasweep.prune import merge_segments
     from lorasweep.trial import train_trial
@@ -23,7 +23,9 @@ def _segments(trial, workdir: Path, cache: Path, stops: list[int | None]):
             trial,
             workdir,
             cache_root=cache,
-            context={"segment": {"stop_at": stop, "resume_from": resume}},
+            context={
+                "segment": {"stop_at": stop, "resume_from": resume, "eval_examples": rung_eval}
+            },
         )
         merged = merge_segments(merged, res)
         if stop is not None:
@@ -31,6 +33,8 @@ def _segments(trial, workdir: Path, cache: Path, stops: list[int | None]):
             assert res.artifacts["paused"]["step"] == stop
             resume = res.artifacts["paused"]["checkpoint"]
             assert (Path(resume) / "optimizer.pt").exists()
+            if rung_eval:
+                assert res.metrics["rung_eval_examples"] == rung_eval
     return merged
 
 
@@ -67,7 +71,8 @@ def test_paused_and_resumed_trial_equals_unpaused(tiny_bert_dir, tiny_csv, tmp_p
     cache = tmp_path / "cache"
     full = train_trial(trial, tmp_path / "full", cache_root=cache)
     assert full.status == TrialStatus.COMPLETE, full.error
-    parts = _segments(trial, tmp_path / "seg", cache, [4, 8, None])
+    # rungs scored on 10 eval examples; the final evaluation still uses the whole eval set
+    parts = _segments(trial, tmp_path / "seg", cache, [4, 8, None], rung_eval=10)
     assert parts.status == TrialStatus.COMPLETE, parts.error
     for k in ("accuracy", "f1", "eval_loss", "train_loss", "train_loss_mean", "train_steps",
               "train_examples", "train_tokens", "trainable_params"):  # fmt: skip
@@ -192,6 +197,7 @@ def test_prune_bad_inputs_are_one_line_errors(tiny_bert_dir, tiny_csv, tmp_path)
         (["--prune-metric", "perplexity"], "--prune-metric: 'perplexity' is not measured"),
         (["--prune-eta", "1"], "--prune-eta: must be >= 2, got 1"),
         (["--prune-tolerance", "-1"], "--prune-tolerance: must be >= 0"),
+        (["--prune-eval-examples", "0"], "--prune-eval-examples: must be >= 1"),
     ]
     for extra, message in cases:
         if extra:

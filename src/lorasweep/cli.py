@@ -43,6 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             alpha=args.prune_alpha,
             metric=args.prune_metric,
             tolerance=args.prune_tolerance,
+            eval_examples=args.prune_eval_examples,
         )
     outcome = run_sweep(
         args.spec,
@@ -303,6 +304,12 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="drop only configurations worse than the best by more than this (metric units)",
+    )
+    p.add_argument(
+        "--prune-eval-examples",
+        type=int,
+        default=None,
+        help="evaluate rungs on the first N eval examples (default: all; final eval uses all)",
     )
 
 

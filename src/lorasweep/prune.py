@@ -47,6 +47,8 @@ class PruneSettings:
     """the eval metric compared at rungs; default the task's (accuracy, perplexity)."""
     tolerance: float = 0.0
     """drop only configurations worse than the best by more than this (metric units)."""
+    eval_examples: int | None = None
+    """rung evaluations on the first N eval examples (None: all); the final one uses all."""
 
     def __post_init__(self) -> None:
         if self.eta < 2:
@@ -57,6 +59,8 @@ class PruneSettings:
             raise ValueError(f"--prune-alpha: must be in (0, 1), got {self.alpha}")
         if self.tolerance < 0:
             raise ValueError(f"--prune-tolerance: must be >= 0, got {self.tolerance}")
+        if self.eval_examples is not None and self.eval_examples < 1:
+            raise ValueError(f"--prune-eval-examples: must be >= 1, got {self.eval_examples}")
 
     def metric_for(self, task: str) -> str:
         """The rung metric for a task, checked against what the task's evaluation produces."""
@@ -72,7 +76,8 @@ class PruneSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return {"eta": self.eta, "min_steps": self.min_steps, "alpha": self.alpha,
-                "metric": self.metric, "tolerance": self.tolerance}  # fmt: skip
+                "metric": self.metric, "tolerance": self.tolerance,
+                "eval_examples": self.eval_examples}  # fmt: skip
 
 
 def eval_curve(metric: str) -> str:
@@ -377,6 +382,12 @@ def pruning_section_html(summary: dict[str, Any], recommended: str | None) -> st
         f"on common seeds, Welch otherwise, Holm-adjusted at {st['alpha']:g}"
         + (f", worse by more than {st['tolerance']:g}" if st.get("tolerance") else "")
         + ") showed it worse than the rung's best."
+        + (
+            f" Rung evaluations used the first {st['eval_examples']} eval examples; final "
+            "metrics use the whole eval set."
+            if st.get("eval_examples")
+            else ""
+        )
     )
     saved = (
         f"Trained <b>{s['run_trial_steps']:.0f}</b> of {s['full_trial_steps']} trial-steps: "

@@ -374,7 +374,8 @@ def _run_pruned(
                 t.id: {
                     "stop_at": step if step < total else None,
                     "resume_from": runner.checkpoint(t),
-                }  # fmt: skip
+                    "eval_examples": settings.eval_examples,
+                }
                 for t in need
             }
             ran += runner.run(need, segments)

@@ -495,13 +495,16 @@ def _run(
         (step - recorder.start_step) * args.gradient_accumulation_steps
     )
 
-    # -- evaluate (at a rung too: the same evaluation as the final one)
+    # -- evaluate (at a rung too: the same evaluation as the final one, on the first
+    # ``eval_examples`` examples of the eval set when pruning asks for a cheaper rung)
+    rung_n = segment.get("eval_examples") if paused else None
+    scored = eval_ds.select(range(min(int(rung_n), len(eval_ds)))) if rung_n else eval_ds
     with monitor.timer("rung_eval" if paused else "eval"):
         if task == "classification":
-            pred = trainer.predict(eval_ds)
+            pred = trainer.predict(scored)
             metrics = _classification_metrics(pred.predictions, pred.label_ids)
         else:
-            metrics = _causal_eval(trainer, eval_ds)
+            metrics = _causal_eval(trainer, scored)
     from lorasweep.prune import eval_curve
 
     for k, v in metrics.items():  # eval_accuracy, eval_f1, eval_loss, eval_perplexity
@@ -526,6 +529,7 @@ def _run(
         trainable_percent=100.0 * trainable / total,
     )
     if paused:
+        m["rung_eval_examples"] = float(len(scored))
         # keep the checkpoint outside the Trainer's output folder, which is deleted at the end
         ckpt = workdir / "checkpoints" / f"step-{step}"
         shutil.rmtree(ckpt, ignore_errors=True)
