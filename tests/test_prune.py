@@ -95,3 +95,42 @@ def test_planned_steps_counts_like_the_trainer():
     assert planned_steps({"per_device_train_batch_size": 32, "dataloader_drop_last": True,
                           "num_train_epochs": 1}, 1000) == 31  # fmt: skip
     assert planned_steps({}, 100) == 39  # Trainer defaults: batch 8, 3 epochs -> 13 x 3
+
+
+def test_pruning_summary_and_section_name_the_cheaper_dropped_config():
+    import pandas as pd
+
+    from lorasweep.prune import format_pruning, pruning_section_html, pruning_summary
+
+    state = {
+        "settings": {"eta": 2, "min_steps": 10, "alpha": 0.05, "tolerance": 0.0},
+        "metric": "accuracy", "direction": "higher", "total_steps": 80, "rungs": [10, 20, 40],
+        "decisions": [{"step": 20, "best": "lora r=32", "keep": ["lora r=32"],
+                       "drop": ["lora r=2"], "means": {"lora r=32": 0.68, "lora r=2": 0.5},
+                       "seeds": {"lora r=32": 2, "lora r=2": 2},
+                       "reasons": {"lora r=32": "best at this rung",
+                                   "lora r=2": "dropped: significantly worse than lora r=32"}}],
+    }  # fmt: skip
+    trials = pd.DataFrame(
+        {
+            "variant": ["lora"] * 4,
+            "rank": [2, 2, 32, 32],
+            "status": ["pruned", "pruned", "complete", "complete"],
+            "train_steps": [20.0, 20.0, 80.0, 80.0],
+            "train_seconds": [10.0, 10.0, 40.0, 40.0],
+            "rung_eval_seconds": [7.0, 7.0, 10.0, 10.0],
+            "trainable_params": [1e3, 1e3, 1.6e4, 1.6e4],
+        }
+    )
+    s = pruning_summary(state, trials)
+    assert s["run_trial_steps"] == 200 and s["full_trial_steps"] == 320
+    assert s["saved_fraction"] == pytest.approx(0.375)
+    assert s["full_train_seconds_estimate"] == pytest.approx(4 * 80 * 0.5)  # 0.5 s per step
+    assert s["rung_eval_seconds"] == 34
+    assert "trained 200 of 320 trial-steps (38% saved); dropped lora r=2 at step 20" in (
+        format_pruning(s)
+    )
+    html = pruning_section_html(s, "lora r=32")
+    assert "Cheaper than the recommendation and dropped" in html and "lora r=2" in html
+    # a dropped configuration that costs more than the recommendation is not flagged
+    assert "Cheaper than" not in pruning_section_html(s, "lora r=2")

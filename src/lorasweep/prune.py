@@ -314,6 +314,14 @@ def pruning_summary(state: dict[str, Any], trials: Any) -> dict[str, Any]:
     per_step = (sums["_secs"] / sums["_steps"].where(sums["_steps"] > 0)).to_dict()
     full_secs = float(sum(per_step[k] * total for k in key if math.isfinite(per_step[k])))
     rung_eval = pd.to_numeric(df.get("rung_eval_seconds"), errors="coerce").fillna(0.0).sum()
+    from lorasweep.advice import group_label
+
+    params = pd.to_numeric(df.get("trainable_params"), errors="coerce")
+    labels = [
+        group_label({"variant": v, "rank": None if pd.isna(r) else int(r)})
+        for v, r in zip(df["variant"], df["rank"], strict=True)
+    ]
+    cost = params.groupby(labels).mean().dropna().to_dict() if params is not None else {}
     dropped = [
         {
             "config": c,
@@ -342,6 +350,7 @@ def pruning_summary(state: dict[str, Any], trials: Any) -> dict[str, Any]:
         "rung_eval_seconds": float(rung_eval),
         "decisions": state["decisions"],
         "dropped": dropped,
+        "trainable_params": cost,
     }
 
 
@@ -421,6 +430,20 @@ def pruning_section_html(summary: dict[str, Any], recommended: str | None) -> st
             f"differently only if a dropped configuration ({names}) would have caught up after "
             "it was dropped; run the sweep without <code>--prune</code> to check a doubt."
         )
+        cost = s.get("trainable_params") or {}
+        cheaper = [
+            d["config"]
+            for d in s["dropped"]
+            if recommended in cost and cost.get(d["config"], math.inf) < cost[recommended]
+        ]
+        if cheaper:
+            effect += (
+                f" <b>Cheaper than the recommendation and dropped</b> (fewer trainable "
+                f"parameters): {escape(', '.join(cheaper))}. Early rungs favour configurations "
+                "that learn faster, which need not be the ones that end best; if a cheaper "
+                "configuration matters, re-run it without pruning or use later rungs "
+                "(<code>--prune-min-steps</code>) or <code>--prune-tolerance</code>."
+            )
     else:
         effect = "Nothing was dropped, so the recommendation is the one the full grid gives."
     return f"<p>{rule}</p><p>{saved}</p>{table}<p>{effect}</p>"
