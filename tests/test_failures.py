@@ -244,6 +244,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _decisions(run: Path) -> list:
+    if not (run / "lorasweep.db").exists():
+        return []
+    with open_store(run) as store:
+        return (store.meta().get("prune") or {}).get("decisions", [])
+
+
 def _snapshot(run: Path) -> dict[str, dict]:
     if not (run / "lorasweep.db").exists():
         return {}
@@ -251,7 +258,10 @@ def _snapshot(run: Path) -> dict[str, dict]:
         return {t["id"]: t for t in store.trials()}
 
 
-def test_parent_sigkill_five_times_then_resume(tiny_bert_dir, tiny_csv, tmp_path):
+@pytest.mark.parametrize("prune", [False, True], ids=["plain", "pruned"])
+def test_parent_sigkill_five_times_then_resume(tiny_bert_dir, tiny_csv, tmp_path, prune):
+    """With --prune the kills also land between rung segments, checkpoint moves and rung
+    decisions: every trial still ends once, and a decision once stored never changes."""
     spec = _spec(tiny_bert_dir, tiny_csv, grid={"rank": [2, 4]}, seeds=[0, 1])
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
@@ -267,14 +277,16 @@ def test_parent_sigkill_five_times_then_resume(tiny_bert_dir, tiny_csv, tmp_path
         "--backend",
         "local",
         "--quiet",
-    ]
+    ] + (["--prune", "--prune-min-steps", "2"] if prune else [])  # one rung, at step 2 of 4
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     rng = random.Random(20240601)
     finished: dict[str, dict] = {}  # trial id -> its row when first seen finished
+    decisions: list = []  # the first stored rung decisions
     log = []
     for i in range(5):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        delay = rng.uniform(1.0, 30.0)
+        # the pruned sweep is done in ~15 s: shorter delays land its kills mid-work
+        delay = rng.uniform(1.0, 14.0 if prune else 30.0)
         seen: set[int] = set()
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline and proc.poll() is None:
@@ -288,16 +300,25 @@ def test_parent_sigkill_five_times_then_resume(tiny_bert_dir, tiny_csv, tmp_path
         rows = _snapshot(run)
         log.append((round(delay, 1), sorted(t["status"] for t in rows.values())))
         for tid, t in rows.items():
-            if t["status"] == "complete":
+            if t["status"] in ("complete", "pruned"):
                 finished.setdefault(tid, t)
                 assert t == finished[tid], "a finished trial changed"  # never run twice
+        decisions = _decisions(run) or decisions
+        assert _decisions(run)[: len(decisions)] == decisions, "a rung decision changed"
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = _snapshot(run)
     planned = {t.id for t in load_spec(spec).trials()}
     assert set(rows) == planned and len(rows) == 4
-    assert all(t["status"] == "complete" for t in rows.values()), log
+    final = {"complete", "pruned"} if prune else {"complete"}
+    assert all(t["status"] in final for t in rows.values()), log
+    assert not list(run.glob("trials/*/checkpoints/*")), "a rung checkpoint was left behind"
+    if prune:
+        assert [d["step"] for d in _decisions(run)] == [2]
+        assert _decisions(run)[: len(decisions)] == decisions
+        assert all(t["metrics"]["train_segments"] == 2 for t in rows.values()
+                   if t["status"] == "complete")  # fmt: skip
     for tid, t in finished.items():
         assert rows[tid] == t, "a finished trial was re-run or changed"
     with open_store(run) as store:
