@@ -129,7 +129,7 @@ def test_prune_sweep_drops_the_worse_config_and_survivors_match_the_full_grid(
     def interrupting_finish(self, result):
         finish(self, result)
         calls["n"] += 1
-        if calls["n"] == 10:  # rung 1: 8 segments; rung 2 (ruined dropped): 4 segments
+        if calls["n"] == 10:  # rung 1: 8 segments; then lora alone: straight to the end
             raise KeyboardInterrupt
 
     monkeypatch.setattr(sweep_mod.Progress, "finish", interrupting_finish)
@@ -139,10 +139,10 @@ def test_prune_sweep_drops_the_worse_config_and_survivors_match_the_full_grid(
     with open_store(out) as store:
         mid = {t["label"]: t for t in store.trials()}
     assert {t["status"] for k, t in mid.items() if k.startswith("ruined")} == {"pruned"}
-    paused = sorted(
-        t["artifacts"]["paused"]["step"] for k, t in mid.items() if k.startswith("lora")
-    )
-    assert paused == [2, 2, 4, 4]
+    lora = [t for k, t in mid.items() if k.startswith("lora")]
+    # two survivors finished, two still paused at the first rung
+    assert sorted(t["status"] for t in lora) == ["complete", "complete", "pending", "pending"]
+    assert [t["artifacts"]["paused"]["step"] for t in lora if t["status"] == "pending"] == [2, 2]
     monkeypatch.setattr(sweep_mod.Progress, "finish", finish)
 
     outcome = run_sweep(spec, out, backend="inprocess", quiet=True, prune=_settings())
@@ -150,9 +150,9 @@ def test_prune_sweep_drops_the_worse_config_and_survivors_match_the_full_grid(
     with open_store(out) as store:
         meta, trials = store.meta()["prune"], {t["label"]: t for t in store.trials()}
         curves = {t["label"]: store.curves_of(t["id"]) for t in store.trials()}
-    assert [d["step"] for d in meta["decisions"]] == [2, 4]
+    # rung 4 was skipped: with one configuration left there is nothing to compare
+    assert [d["step"] for d in meta["decisions"]] == [2]
     assert meta["decisions"][0]["drop"] == ["ruined r=4"]
-    assert meta["decisions"][1]["drop"] == []
     with open_store(tmp_path / "full") as store:
         reference = {t["label"]: t for t in store.trials()}
     for label, t in trials.items():
@@ -165,10 +165,10 @@ def test_prune_sweep_drops_the_worse_config_and_survivors_match_the_full_grid(
             assert t["status"] == "complete"
             for k in ("accuracy", "eval_loss", "train_loss", "train_steps"):
                 assert t["metrics"][k] == pytest.approx(reference[label]["metrics"][k], abs=1e-6)
-            assert [s for s, _ in curves[label]["eval_loss"]] == [2, 4, 8]
+            assert [s for s, _ in curves[label]["eval_loss"]] == [2, 8]
         assert not (out / "trials" / t["id"] / "checkpoints").exists()  # no checkpoint left
-    # every survivor ran its 3 segments in exactly 3 starts, interrupted or not: nothing twice
-    assert {trials[f"lora/r=4/seed={s}"]["attempts"] for s in range(4)} == {3}
+    # every survivor ran its 2 segments in exactly 2 starts, interrupted or not: nothing twice
+    assert {trials[f"lora/r=4/seed={s}"]["attempts"] for s in range(4)} == {2}
 
     # nothing left to run; a different setting on this folder is refused
     again = run_sweep(spec, out, backend="inprocess", quiet=True, prune=_settings())

@@ -365,6 +365,8 @@ def _run_pruned(
                 store.mark_pruned(t.id, f"pruned at step {d['step']}: {why}")
                 shutil.rmtree(runner.out / "trials" / t.id / "checkpoints", ignore_errors=True)
         alive = [t for t in trials if config[t.id] not in dropped and runnable(t)]
+        if step < total and len({config[t.id] for t in trials} - set(dropped)) < 2:
+            continue  # one configuration left: nothing to compare, so no more rungs to pay for
         need = [t for t in alive if runner.paused_at(t) < step]
         if need:
             where = f"rung {i + 1}/{len(rungs)}: to step {step}" if step < total else (
