@@ -175,13 +175,14 @@ def test_ray_and_local_pruned_trials_resume_across_processes(
     from its checkpoint in another (a fork, a Ray task); the numbers equal an unpaused run."""
     from lorasweep.prune import PruneSettings
 
-    spec = _spec(tiny_bert_dir, tiny_csv, grid={"rank": [2]}, seeds=[0, 1])
+    spec = _spec(tiny_bert_dir, tiny_csv, seeds=[0, 1])  # 2 ranks: one configuration alone
+    # would skip its rungs (nothing to compare)
     prune = PruneSettings(min_steps=2)
     plain = _stored_run(spec, tmp_path / "plain", backend="inprocess")
     for backend in ("local", "ray"):
         out = run_sweep(spec, tmp_path / backend, backend=backend, quiet=True, report=False,
                         prune=prune)  # fmt: skip
-        assert out.statuses == {"complete": 2} and out.ran == 4  # 2 trials x 2 segments
+        assert out.statuses == {"complete": 4} and out.ran == 8  # 4 trials x 2 segments
         got = _stored(tmp_path / backend)
         _assert_same_results(plain, got)
         for t in got.values():

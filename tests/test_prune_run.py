@@ -213,3 +213,41 @@ def test_prune_bad_inputs_are_one_line_errors(tiny_bert_dir, tiny_csv, tmp_path)
         lines = err.getvalue().strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (extra, lines)
         assert not out.exists()  # refused before anything was created
+
+
+def test_a_paused_trial_resumed_without_prune_runs_from_its_checkpoint_to_the_end(
+    tiny_bert_dir, tiny_csv, tmp_path, monkeypatch
+):
+    """A pruned sweep stopped after its first rung, then resumed *without* --prune: the paused
+    trials continue from their checkpoints (not from step 0) and end as an unpaused run would."""
+    from lorasweep import sweep as sweep_mod
+    from lorasweep.prune import PruneSettings
+    from lorasweep.sweep import run_sweep
+
+    spec = tiny_classification_spec(tiny_bert_dir, tiny_csv)  # 2 ranks x 2 seeds, 4 steps
+    plain = run_sweep(spec, tmp_path / "plain", backend="inprocess", quiet=True, report=False)
+    assert plain.statuses == {"complete": 4}
+    calls = {"n": 0}
+    finish = sweep_mod.Progress.finish
+
+    def stop_after_rung_1(self, result):
+        finish(self, result)
+        calls["n"] += 1
+        if calls["n"] == 4:  # every trial paused at the rung (step 2)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_mod.Progress, "finish", stop_after_rung_1)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, out, backend="inprocess", quiet=True, prune=PruneSettings(min_steps=2))
+    monkeypatch.setattr(sweep_mod.Progress, "finish", finish)
+    done = run_sweep(spec, out, backend="inprocess", quiet=True, report=False)
+    assert done.statuses == {"complete": 4} and done.ran == 4
+    from lorasweep.store import open_store
+
+    with open_store(tmp_path / "plain") as a, open_store(out) as b:
+        ref = {t["id"]: t for t in a.trials()}
+        for t in b.trials():
+            assert t["metrics"]["train_segments"] == 2  # step 0->2, then 2->4 from the checkpoint
+            for k in ("accuracy", "eval_loss", "train_loss", "train_tokens"):
+                assert t["metrics"][k] == pytest.approx(ref[t["id"]]["metrics"][k], abs=1e-6)

@@ -345,7 +345,9 @@ def _run_pruned(
             "decisions": [],
         }
         store.set_meta(prune=state)
-    if not rungs:
+    if len({(t.variant, t.rank) for t in trials}) < 2:
+        runner.note("--prune: one configuration, nothing to compare; its trials run to the end")
+    elif not rungs:
         runner.note(f"--prune: {total} steps leave no rung of >= {settings.min_steps} steps "
                     f"(eta {settings.eta}); every trial runs to the end")  # fmt: skip
     config = {t.id: group_label({"variant": t.variant, "rank": t.rank}) for t in trials}
