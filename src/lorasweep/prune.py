@@ -411,13 +411,15 @@ def pruning_section_html(summary: dict[str, Any], recommended: str | None) -> st
         for c in sorted(d["means"], key=lambda c: d["keep"].index(c) if c in d["keep"] else 99):
             verdict = "dropped" if c in d["drop"] else "kept"
             rows.append(
-                f"<tr class='{verdict}'><td>{d['step']}</td><td>{escape(c)}</td>"
+                f"<tr class='{verdict}'><td>{d['step']}</td><td class='left'>{escape(c)}</td>"
                 f"<td>{d['seeds'].get(c, '')}</td><td>{d['means'][c]:.4g}</td>"
-                f"<td>{verdict}</td><td>{escape(_why(d['reasons'].get(c, '')))}</td></tr>"
+                f"<td class='left'>{'<b>dropped</b>' if verdict == 'dropped' else verdict}</td>"
+                f"<td class='left'>{escape(_why(d['reasons'].get(c, '')))}</td></tr>"
             )
     table = (
-        "<table><thead><tr><th>step</th><th>configuration</th><th>seeds</th>"
-        f"<th>mean {escape(s['metric'])}</th><th>decision</th><th>why</th></tr></thead>"
+        "<table><thead><tr><th>step</th><th class='left'>configuration</th><th>seeds</th>"
+        f"<th>mean {escape(s['metric'])}</th><th class='left'>decision</th>"
+        "<th class='left'>why</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
         if rows
         else "<p>No rung was decided.</p>"
