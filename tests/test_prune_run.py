@@ -144,6 +144,15 @@ def test_prune_sweep_drops_the_worse_config_and_survivors_match_the_full_grid(
     assert sorted(t["status"] for t in lora) == ["complete", "complete", "pending", "pending"]
     assert [t["artifacts"]["paused"]["step"] for t in lora if t["status"] == "pending"] == [2, 2]
     monkeypatch.setattr(sweep_mod.Progress, "finish", finish)
+    import contextlib
+    import io
+
+    from lorasweep.cli import main
+
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        assert main(["status", str(out)]) == 0
+    assert shown.getvalue().count("paused at step 2") == 2
 
     outcome = run_sweep(spec, out, backend="inprocess", quiet=True, prune=_settings())
     assert outcome.statuses == {"complete": 4, "pruned": 4}
@@ -179,6 +188,11 @@ def test_prune_sweep_drops_the_worse_config_and_survivors_match_the_full_grid(
         run_sweep(spec, out, backend="inprocess", quiet=True,
                   prune=PruneSettings(min_steps=2, metric="eval_loss", eta=3, ))  # fmt: skip
 
+    from lorasweep.api import Results
+
+    summary = Results(out).pruning
+    assert summary["run_trial_steps"] == 40 and summary["full_trial_steps"] == 64
+    assert [d["config"] for d in summary["dropped"]] == ["ruined r=4"]
     # the report says what pruning did and saved: 4 x 8 + 4 x 2 of 64 trial-steps
     html = (out / "report.html").read_text()
     assert "Pruning" in html and "Trained <b>40</b> of 64 trial-steps" in html

@@ -170,7 +170,8 @@ class Results:
 
     @property
     def curves(self) -> pd.DataFrame:
-        """``trial_id, curve, step, value`` rows (the training loss curve of every trial)."""
+        """``trial_id, curve, step, value`` rows: ``train_loss`` and the eval curves
+        (``eval_accuracy``, ``eval_loss``...: one point per pruning rung and the final one)."""
         with self._store() as store:
             return store.curves_frame()
 
@@ -179,6 +180,16 @@ class Results:
         """What the sweep recorded about itself: name, task, spec, spec_yaml."""
         with self._store() as store:
             return store.meta()
+
+    @property
+    def pruning(self) -> dict[str, Any] | None:
+        """For a sweep run with ``prune``: its rung decisions and what pruning saved (trial-steps
+        and training seconds against the full grid), as ``prune.pruning_summary``; else None."""
+        from lorasweep.prune import pruning_summary
+
+        with self._store() as store:
+            state, trials = store.meta().get("prune"), store.trials_frame()
+        return pruning_summary(state, trials) if state else None
 
     # -- statistics
     def analysis(self, **kwargs: Any) -> dict[str, Any]:
