@@ -90,6 +90,27 @@ def test_paused_and_resumed_trial_equals_unpaused(tiny_bert_dir, tiny_csv, tmp_p
     assert math.isfinite(parts.metrics["examples_per_second"])
 
 
+def _run_interrupted(spec: dict, out: Path, *, after: int, prune) -> None:
+    """Run a sweep in-process and stop it with Ctrl-C (KeyboardInterrupt) right after its
+    ``after``-th result is recorded, as a user would."""
+    from lorasweep import sweep as sweep_mod
+    from lorasweep.sweep import run_sweep
+
+    calls = {"n": 0}
+    finish = sweep_mod.Progress.finish
+
+    def interrupting_finish(self, result):
+        finish(self, result)
+        calls["n"] += 1
+        if calls["n"] == after:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep_mod.Progress, "finish", interrupting_finish)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(spec, out, backend="inprocess", quiet=True, prune=prune)
+
+
 def _ruined_spec(model_dir: Path, csv: Path) -> dict:
     """Two configurations, 4 seeds, 8 steps: plain LoRA, and one whose learning rate (1e3)
     wrecks the model without a non-finite loss (eval loss in the thousands at step 2, but
@@ -111,9 +132,8 @@ def _settings():
 
 
 def test_prune_sweep_drops_the_worse_config_and_survivors_match_the_full_grid(
-    tiny_bert_dir, tiny_csv, tmp_path, monkeypatch
+    tiny_bert_dir, tiny_csv, tmp_path
 ):
-    from lorasweep import sweep as sweep_mod
     from lorasweep.store import open_store
     from lorasweep.sweep import run_sweep
 
@@ -123,19 +143,8 @@ def test_prune_sweep_drops_the_worse_config_and_survivors_match_the_full_grid(
 
     # kill the pruned sweep (Ctrl-C) in the middle of rung 2; the resume must go on from the
     # stored rung checkpoints and decisions
-    calls = {"n": 0}
-    finish = sweep_mod.Progress.finish
-
-    def interrupting_finish(self, result):
-        finish(self, result)
-        calls["n"] += 1
-        if calls["n"] == 10:  # rung 1: 8 segments; then lora alone: straight to the end
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(sweep_mod.Progress, "finish", interrupting_finish)
     out = tmp_path / "pruned"
-    with pytest.raises(KeyboardInterrupt):
-        run_sweep(spec, out, backend="inprocess", quiet=True, prune=_settings())
+    _run_interrupted(spec, out, after=10, prune=_settings())  # rung 1: 8 segments, then 2 more
     with open_store(out) as store:
         mid = {t["label"]: t for t in store.trials()}
     assert {t["status"] for k, t in mid.items() if k.startswith("ruined")} == {"pruned"}
@@ -143,7 +152,6 @@ def test_prune_sweep_drops_the_worse_config_and_survivors_match_the_full_grid(
     # two survivors finished, two still paused at the first rung
     assert sorted(t["status"] for t in lora) == ["complete", "complete", "pending", "pending"]
     assert [t["artifacts"]["paused"]["step"] for t in lora if t["status"] == "pending"] == [2, 2]
-    monkeypatch.setattr(sweep_mod.Progress, "finish", finish)
     import contextlib
     import io
 
@@ -230,31 +238,18 @@ def test_prune_bad_inputs_are_one_line_errors(tiny_bert_dir, tiny_csv, tmp_path)
 
 
 def test_a_paused_trial_resumed_without_prune_runs_from_its_checkpoint_to_the_end(
-    tiny_bert_dir, tiny_csv, tmp_path, monkeypatch
+    tiny_bert_dir, tiny_csv, tmp_path
 ):
     """A pruned sweep stopped after its first rung, then resumed *without* --prune: the paused
     trials continue from their checkpoints (not from step 0) and end as an unpaused run would."""
-    from lorasweep import sweep as sweep_mod
     from lorasweep.prune import PruneSettings
     from lorasweep.sweep import run_sweep
 
     spec = tiny_classification_spec(tiny_bert_dir, tiny_csv)  # 2 ranks x 2 seeds, 4 steps
     plain = run_sweep(spec, tmp_path / "plain", backend="inprocess", quiet=True, report=False)
     assert plain.statuses == {"complete": 4}
-    calls = {"n": 0}
-    finish = sweep_mod.Progress.finish
-
-    def stop_after_rung_1(self, result):
-        finish(self, result)
-        calls["n"] += 1
-        if calls["n"] == 4:  # every trial paused at the rung (step 2)
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(sweep_mod.Progress, "finish", stop_after_rung_1)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        run_sweep(spec, out, backend="inprocess", quiet=True, prune=PruneSettings(min_steps=2))
-    monkeypatch.setattr(sweep_mod.Progress, "finish", finish)
+    _run_interrupted(spec, out, after=4, prune=PruneSettings(min_steps=2))  # all paused at 2
     done = run_sweep(spec, out, backend="inprocess", quiet=True, report=False)
     assert done.statuses == {"complete": 4} and done.ran == 4
     from lorasweep.store import open_store

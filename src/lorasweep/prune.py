@@ -17,9 +17,10 @@ The rule, at each rung:
 
 So a rung never drops more than plain successive halving would, and usually less.
 
-Also here, for the orchestration in ``sweep.py`` (still no torch): ``PruneSettings``,
-``planned_steps`` (the Trainer's step count, so rungs are known before any trial runs) and
-``merge_segments`` (one trial's result from the segments it ran between rungs).
+Also here, for the orchestration in ``sweep.py`` (still no torch): ``PruneSettings`` and
+``merge_segments`` (one trial's result from the segments it ran between rungs). The two helpers
+a trial needs, ``spec.planned_steps`` and ``results.eval_curve``, live in import-light modules so
+that a worker does not import scipy/statsmodels for them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ import numpy as np
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from lorasweep.results import TrialResult
+from lorasweep.advice import group_label
+from lorasweep.results import TrialResult, eval_curve  # noqa: F401 - re-exported
+from lorasweep.spec import planned_steps  # noqa: F401 - re-exported
 from lorasweep.stats import ALPHA, MIN_PAIRS
 
 
@@ -80,32 +83,9 @@ class PruneSettings:
                 "eval_examples": self.eval_examples}  # fmt: skip
 
 
-def eval_curve(metric: str) -> str:
-    """The stored curve of an eval metric over steps: eval_accuracy, eval_loss, eval_perplexity."""
-    return "eval_" + metric.removeprefix("eval_")
-
-
 # eval metrics a rung can compare, per task; the first is the default
 RUNG_METRICS = {"classification": ("accuracy", "f1", "eval_loss"),
                 "causal-lm": ("perplexity", "eval_loss")}  # fmt: skip
-
-
-def planned_steps(training: dict, n_train: int) -> int:
-    """Optimizer steps of a run, counted as the HF Trainer counts them.
-
-    ``training`` holds TrainingArguments names (missing ones take the Trainer's defaults);
-    ``n_train`` is the number of training examples.
-    """
-    max_steps = int(training.get("max_steps") or 0)
-    if max_steps > 0:
-        return max_steps
-    bs = int(training.get("per_device_train_batch_size", 8))
-    accum = int(training.get("gradient_accumulation_steps", 1))
-    batches = n_train // bs
-    if not training.get("dataloader_drop_last", False) and n_train % bs:
-        batches += 1
-    per_epoch = max(1, math.ceil(batches / accum))
-    return int(math.ceil(per_epoch * float(training.get("num_train_epochs", 3.0))))
 
 
 _SUMMED = ("train_seconds", "load_seconds", "train_examples", "train_tokens",
@@ -314,8 +294,6 @@ def pruning_summary(state: dict[str, Any], trials: Any) -> dict[str, Any]:
     per_step = (sums["_secs"] / sums["_steps"].where(sums["_steps"] > 0)).to_dict()
     full_secs = float(sum(per_step[k] * total for k in key if math.isfinite(per_step[k])))
     rung_eval = pd.to_numeric(df.get("rung_eval_seconds"), errors="coerce").fillna(0.0).sum()
-    from lorasweep.advice import group_label
-
     params = pd.to_numeric(df.get("trainable_params"), errors="coerce")
     labels = [
         group_label({"variant": v, "rank": None if pd.isna(r) else int(r)})

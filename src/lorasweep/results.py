@@ -65,6 +65,11 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 }
 
 
+def eval_curve(metric: str) -> str:
+    """The stored curve of an eval metric over steps: eval_accuracy, eval_loss, eval_perplexity."""
+    return "eval_" + metric.removeprefix("eval_")
+
+
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no whitespace: the basis of trial ids."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

@@ -321,6 +321,24 @@ def variant_errors(spec: SweepSpec) -> list[str]:
     return errors
 
 
+def planned_steps(training: dict, n_train: int) -> int:
+    """Optimizer steps of a run, counted as the HF Trainer counts them.
+
+    ``training`` holds TrainingArguments names (missing ones take the Trainer's defaults);
+    ``n_train`` is the number of training examples.
+    """
+    max_steps = int(training.get("max_steps") or 0)
+    if max_steps > 0:
+        return max_steps
+    bs = int(training.get("per_device_train_batch_size", 8))
+    accum = int(training.get("gradient_accumulation_steps", 1))
+    batches = n_train // bs
+    if not training.get("dataloader_drop_last", False) and n_train % bs:
+        batches += 1
+    per_epoch = max(1, math.ceil(batches / accum))
+    return int(math.ceil(per_epoch * float(training.get("num_train_epochs", 3.0))))
+
+
 def adalora_schedule(
     total_step: int, tinit: int | None, tfinal: int | None, delta_t: int | None
 ) -> tuple[int, int, int]:

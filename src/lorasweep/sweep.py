@@ -21,16 +21,9 @@ import yaml
 
 from lorasweep.advice import group_label
 from lorasweep.backends import RunContext, get_backend
-from lorasweep.prune import (
-    PruneSettings,
-    decide_rung,
-    eval_curve,
-    merge_segments,
-    planned_steps,
-    rung_steps,
-)
-from lorasweep.results import HIGHER_IS_BETTER, Trial, TrialResult, TrialStatus
-from lorasweep.spec import SweepSpec, parse_spec
+from lorasweep.prune import PruneSettings, decide_rung, merge_segments, rung_steps
+from lorasweep.results import HIGHER_IS_BETTER, Trial, TrialResult, TrialStatus, eval_curve
+from lorasweep.spec import SweepSpec, parse_spec, planned_steps
 from lorasweep.store import open_store
 
 RETRYABLE = {"failed": TrialStatus.FAILED, "oom": TrialStatus.OOM}
@@ -200,7 +193,8 @@ def run_sweep(
                 if settings:
                     ran = _run_pruned(runner, trials, settings, n_train, spec.task, set(retry))
                 else:
-                    resume = {t.id: {"resume_from": runner.checkpoint(t)} for t in todo}
+                    rows = {r["id"]: r for r in store.trials()}
+                    resume = {t.id: {"resume_from": runner.paused(rows[t.id])[1]} for t in todo}
                     ran = runner.run(todo, resume)
             finally:
                 if hasattr(be, "close"):
@@ -227,20 +221,13 @@ class _Runner:
         self.store, self.backend, self.out, self.name = store, backend, out, name
         self.jobs, self.quiet, self.estimates = jobs, quiet, estimates
 
-    def paused_at(self, trial: Trial) -> int:
-        """The step a trial is paused at (0: not paused, or its checkpoint is gone)."""
-        return int(self._paused(trial).get("step", 0))
-
-    def checkpoint(self, trial: Trial) -> str | None:
-        path = self._paused(trial).get("checkpoint")
-        return str(self.out / path) if path else None
-
-    def _paused(self, trial: Trial) -> dict[str, Any]:
-        row = self.store.trial(trial.id)
-        paused = (row or {}).get("artifacts", {}).get("paused") or {}
-        if paused and not (self.out / paused["checkpoint"]).exists():
-            return {}  # the checkpoint was removed: the trial starts again from step 0
-        return paused
+    def paused(self, row: dict[str, Any]) -> tuple[int, str | None]:
+        """(step, checkpoint path) of a stored trial paused at a rung; (0, None) when it is not
+        paused, or its checkpoint folder has gone (the trial then starts again from step 0)."""
+        paused = row["artifacts"].get("paused") or {}
+        if not paused or not (self.out / paused["checkpoint"]).exists():
+            return 0, None
+        return int(paused["step"]), str(self.out / paused["checkpoint"])
 
     def note(self, text: str) -> None:
         if not self.quiet:
@@ -345,12 +332,12 @@ def _run_pruned(
             "decisions": [],
         }
         store.set_meta(prune=state)
-    if len({(t.variant, t.rank) for t in trials}) < 2:
+    config = {t.id: group_label({"variant": t.variant, "rank": t.rank}) for t in trials}
+    if len(set(config.values())) < 2:
         runner.note("--prune: one configuration, nothing to compare; its trials run to the end")
     elif not rungs:
         runner.note(f"--prune: {total} steps leave no rung of >= {settings.min_steps} steps "
                     f"(eta {settings.eta}); every trial runs to the end")  # fmt: skip
-    config = {t.id: group_label({"variant": t.variant, "rank": t.rank}) for t in trials}
     ran = 0
     for i, step in enumerate([*rungs, total]):
         dropped = {c: d for d in state["decisions"] if d["step"] < step for c in d["drop"]}
@@ -367,9 +354,9 @@ def _run_pruned(
                 store.mark_pruned(t.id, f"pruned at step {d['step']}: {why}")
                 shutil.rmtree(runner.out / "trials" / t.id / "checkpoints", ignore_errors=True)
         alive = [t for t in trials if config[t.id] not in dropped and runnable(t)]
-        if step < total and len({config[t.id] for t in trials} - set(dropped)) < 2:
+        if step < total and len(set(config.values()) - set(dropped)) < 2:
             continue  # one configuration left: nothing to compare, so no more rungs to pay for
-        need = [t for t in alive if runner.paused_at(t) < step]
+        need = [t for t in alive if runner.paused(rows[t.id])[0] < step]
         if need:
             where = f"rung {i + 1}/{len(rungs)}: to step {step}" if step < total else (
                 f"final: to step {total}")  # fmt: skip
@@ -377,7 +364,7 @@ def _run_pruned(
             segments = {
                 t.id: {
                     "stop_at": step if step < total else None,
-                    "resume_from": runner.checkpoint(t),
+                    "resume_from": runner.paused(rows[t.id])[1],
                     "eval_examples": settings.eval_examples,
                 }
                 for t in need
@@ -393,7 +380,7 @@ def _run_pruned(
                 continue
             st = rows[t.id]["status"]
             if st in ("pending", "running"):
-                if runner.paused_at(t) != step:
+                if runner.paused(rows[t.id])[0] != step:
                     waiting += 1
                     continue
                 curve = dict(map(tuple, store.curves_of(t.id).get(eval_curve(metric), [])))

@@ -31,8 +31,8 @@ from transformers.utils import logging as hf_logging
 from lorasweep import data as data_mod
 from lorasweep import models, tracking
 from lorasweep.measure import Monitor, environment
-from lorasweep.results import Trial, TrialResult, TrialStatus
-from lorasweep.spec import adalora_schedule
+from lorasweep.results import Trial, TrialResult, TrialStatus, eval_curve
+from lorasweep.spec import adalora_schedule, planned_steps
 
 if "TRANSFORMERS_VERBOSITY" not in os.environ:
     # the expected "classifier weights newly initialized" load report would bury the progress
@@ -229,8 +229,6 @@ def build_peft_config(model: Any, ad: dict[str, Any], task: str, total_steps: in
 
 def _total_steps(args: TrainingArguments, n_train: int) -> int:
     """Optimizer steps of the run, as the Trainer counts them (checked again at train begin)."""
-    from lorasweep.prune import planned_steps
-
     keys = ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
             "dataloader_drop_last", "num_train_epochs")  # fmt: skip
     return planned_steps({k: getattr(args, k) for k in keys}, n_train)
@@ -505,8 +503,6 @@ def _run(
             metrics = _classification_metrics(pred.predictions, pred.label_ids)
         else:
             metrics = _causal_eval(trainer, scored)
-    from lorasweep.prune import eval_curve
-
     for k, v in metrics.items():  # eval_accuracy, eval_f1, eval_loss, eval_perplexity
         if k != "eval_tokens":
             result.curves[eval_curve(k)] = [[float(step), v]]
