@@ -221,6 +221,7 @@ def test_prune_bad_inputs_are_one_line_errors(tiny_bert_dir, tiny_csv, tmp_path)
         (["--prune-tolerance", "-1"], "--prune-tolerance: must be >= 0"),
         (["--prune-eval-examples", "0"], "--prune-eval-examples: must be >= 1"),
     ]
+    cases.append((["--prune-eta", "3", "NOPRUNE"], "--prune-eta: 3 is used only with --prune"))
     for extra, message in cases:
         if extra:
             spec.write_text(yaml.safe_dump(_ruined_spec(tiny_bert_dir, tiny_csv)))
@@ -230,7 +231,9 @@ def test_prune_bad_inputs_are_one_line_errors(tiny_bert_dir, tiny_csv, tmp_path)
 
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            code = main(["run", str(spec), "--out", str(out), "--prune", *extra])
+            flags = [x for x in extra if x != "NOPRUNE"]
+            prune = [] if "NOPRUNE" in extra else ["--prune"]
+            code = main(["run", str(spec), "--out", str(out), *prune, *flags])
         assert code == 2, extra
         lines = err.getvalue().strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (extra, lines)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_USAGE = 2
+PRUNE_OPTIONS = ("eta", "min_steps", "alpha", "metric", "tolerance", "eval_examples")
 
 
 class UserError(Exception):
@@ -33,18 +34,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lorasweep.sweep import run_sweep
 
     retry = tuple(x for x in (args.retry or "").split(",") if x)
+    # the --prune-* options default to None, so "given" is visible; PruneSettings holds the
+    # real defaults
+    given = {k: getattr(args, f"prune_{k}") for k in PRUNE_OPTIONS}
+    given = {k: v for k, v in given.items() if v is not None}
     prune = None
     if args.prune:
         from lorasweep.prune import PruneSettings
 
-        prune = PruneSettings(
-            eta=args.prune_eta,
-            min_steps=args.prune_min_steps,
-            alpha=args.prune_alpha,
-            metric=args.prune_metric,
-            tolerance=args.prune_tolerance,
-            eval_examples=args.prune_eval_examples,
-        )
+        prune = PruneSettings(**given)
+    elif given:
+        key, value = next(iter(given.items()))
+        flag = "--prune-" + key.replace("_", "-")
+        raise UserError(f"{flag}: {value!r} is used only with --prune")
     outcome = run_sweep(
         args.spec,
         args.out,
@@ -287,12 +289,12 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         help="successive halving: drop configurations significantly worse than the best at "
         "intermediate rungs (needs >= 2 seeds)",
     )
-    p.add_argument("--prune-eta", type=int, default=2, help="halving factor (default 2)")
+    p.add_argument("--prune-eta", type=int, default=None, help="halving factor (default 2)")
     p.add_argument(
-        "--prune-min-steps", type=int, default=10, help="steps of the first rung, at least (10)"
+        "--prune-min-steps", type=int, default=None, help="steps of the first rung, at least (10)"
     )
     p.add_argument(
-        "--prune-alpha", type=float, default=0.05, help="level of the Holm-adjusted tests (0.05)"
+        "--prune-alpha", type=float, default=None, help="level of the Holm-adjusted tests (0.05)"
     )
     p.add_argument(
         "--prune-metric",
@@ -302,7 +304,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prune-tolerance",
         type=float,
-        default=0.0,
+        default=None,
         help="drop only configurations worse than the best by more than this (metric units)",
     )
     p.add_argument(
