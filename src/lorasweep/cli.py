@@ -14,7 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad input: a spec key, an option, a column
+EXIT_WORLD = 1  # a fault of the world: disk, permissions, a corrupt store
 PRUNE_OPTIONS = ("eta", "min_steps", "alpha", "metric", "tolerance", "eval_examples")
 
 
@@ -58,6 +59,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         prune=prune,
     )
     _print_outcome(outcome)
+    return _failure_summary(outcome)
+
+
+def _failure_summary(outcome: Any) -> int:
+    """The last line says how many planned trials failed; exit 1 when none produced a result."""
+    failed = {s: n for s, n in outcome.statuses.items() if s in ("failed", "oom")}
+    n_failed = sum(failed.values())
+    if not n_failed:
+        return 0
+    what = ", ".join(f"{n} {s}" for s, n in sorted(failed.items()))
+    see = f"`lorasweep status {outcome.out_dir}` shows why"
+    if not any(outcome.statuses.get(s) for s in ("complete", "diverged", "pruned")):
+        print(f"lorasweep: error: every trial failed ({what}); {see}", file=sys.stderr)
+        return 1
+    print(f"{n_failed} of {outcome.planned} trials failed ({what}); {see}")
     return 0
 
 
@@ -173,11 +189,21 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from lorasweep.store import open_store
     from lorasweep.sweep import write_run_report
 
+    with open_store(args.dir) as store:
+        rows = store.trials()
     path = write_run_report(args.dir)
     if path is None:
-        raise UserError(f"DIR: no trials recorded in {args.dir}")
+        counts: dict[str, int] = {}
+        for t in rows:
+            counts[t["status"]] = counts.get(t["status"], 0) + 1
+        found = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none recorded"
+        raise UserError(
+            f"DIR: no complete trial to report in {args.dir} (trials: {found}); "
+            f"`lorasweep status {args.dir}` shows why"
+        )
     print(f"Report: {path}")
     return 0
 
@@ -185,7 +211,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_estimate(args: argparse.Namespace) -> int:
     from lorasweep.estimate import estimate, plot_estimate
 
-    ranks = [int(x) for x in args.ranks.split(",") if x]
+    ranks = _positive_ints("--ranks", args.ranks)
+    for flag, v in (("--batch", args.batch), ("--seq", args.seq)):
+        if v < 1:
+            raise UserError(f"{flag}: must be a positive integer, got {v}")
     targets: Any = args.targets
     if targets and targets not in ("attention", "mlp", "all-linear", "default"):
         targets = [t for t in targets.split(",") if t]
@@ -207,6 +236,16 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"Plot: {args.plot}")
     return 0
+
+
+def _positive_ints(flag: str, text: str) -> list[int]:
+    """``8,16,32`` -> [8, 16, 32]; one line naming the option and the bad item otherwise."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = next((x for x in items if not x.isdigit() or int(x) < 1), None)
+    if bad is not None or not items:
+        raise UserError(f"{flag}: {bad!r} is not a positive integer (got {text!r})" if bad
+                        else f"{flag}: needs at least one value (got {text!r})")  # fmt: skip
+    return [int(x) for x in items]
 
 
 def cmd_spectrum(args: argparse.Namespace) -> int:
@@ -414,6 +453,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BrokenPipeError:
+        # the reader went away (`lorasweep status DIR | head`): stop quietly, as `cat` does
+        _silence_stdout()
+        return 141
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command; every error a user or the world can cause becomes one line."""
+    import sqlite3
+
     from lorasweep.spec import SpecError
 
     try:
@@ -427,14 +478,48 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError) as e:
         if args.debug:
             raise
-        print(f"lorasweep: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"lorasweep: error: {_first_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+    except sqlite3.DatabaseError as e:  # a corrupt, truncated or unwritable lorasweep.db
+        if args.debug:
+            raise
+        print(f"lorasweep: error: {_store_problem(e)}", file=sys.stderr)
+        return EXIT_WORLD
+    except OSError as e:  # disk full, permissions, a read-only folder: the world, not the input
+        if args.debug or isinstance(e, BrokenPipeError):
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"lorasweep: error: {e.strerror or _first_line(e)}{where}", file=sys.stderr)
+        return EXIT_WORLD
     except KeyboardInterrupt:
         print(
             "lorasweep: interrupted; finished trials are stored, run again to resume",
             file=sys.stderr,
         )
         return 130
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _store_problem(e: Exception) -> str:
+    from lorasweep.store import StoreError
+
+    if isinstance(e, StoreError):
+        return str(e)
+    return f"the run store cannot be used: {_first_line(e)}"
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

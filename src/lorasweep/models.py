@@ -157,7 +157,9 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if task == "classification":
         cls = AutoModelForSequenceClassification
-        kwargs["num_labels"] = num_labels
+        # a checkpoint whose head has another number of classes gets a new head (the
+        # pre-flight check says so before the sweep starts)
+        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
     else:
         cls = AutoModelForCausalLM
     if quantization == "4bit":
@@ -180,12 +182,27 @@ def _check_cpu_4bit(model: Any, ref: str) -> None:
 
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            block = getattr(module.weight.quant_state, "blocksize", 64)
+            block = getattr(module.weight.quant_state, "blocksize", QUANT_BLOCK)
             if module.in_features % block:
                 raise ModelError(
                     f"quantization: 4bit on CPU needs layer input widths that are multiples of "
                     f"{block}; {name} of {ref!r} has {module.in_features}"
                 )
+
+
+# bitsandbytes' 4-bit block size (values per quantization block along a weight row)
+QUANT_BLOCK = 64
+
+
+def quant_skip_modules(task: str) -> list[str]:
+    """Modules kept out of 4-bit quantization: the head that is trained in full.
+
+    transformers matches these from the start of a module name or as its suffix (older
+    versions: as a substring), so BERT's pooler needs its full suffix "pooler.dense".
+    """
+    if task == "classification":
+        return ["classifier", "pre_classifier", "score", "pooler", "pooler.dense"]
+    return ["lm_head"]
 
 
 def _bnb_kwargs(task: str, compute_dtype: str | None, device: str) -> dict[str, Any]:
@@ -197,13 +214,7 @@ def _bnb_kwargs(task: str, compute_dtype: str | None, device: str) -> dict[str, 
 
     # bf16 compute is the QLoRA default on CUDA; on CPU float32 is both faster and exact
     dtype_name = compute_dtype or ("bfloat16" if device == "cuda" else "float32")
-    # transformers matches these from the start of a module name or as its suffix (older
-    # versions: as a substring), so BERT's pooler needs its full suffix "pooler.dense"
-    skip = (
-        ["classifier", "pre_classifier", "score", "pooler", "pooler.dense"]
-        if task == "classification"
-        else ["lm_head"]
-    )
+    skip = quant_skip_modules(task)
     return {
         "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True,

@@ -22,6 +22,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorasweep.results import Trial
 
 
+def path_safe(name: str) -> str:
+    """A sweep or variant name becomes folder names (tracking runs, TensorBoard events), so it
+    must stay one path component: no separators, no ``..``, no leading dot, no control
+    characters."""
+    if not name or name.strip() != name:
+        raise ValueError("must be non-empty, without leading or trailing spaces")
+    if any(c in name for c in "/\\") or name.startswith(".") or any(ord(c) < 32 for c in name):
+        raise ValueError(
+            "must be one folder name (no '/', '\\', leading '.' or control characters), "
+            "as it becomes part of paths"
+        )
+    return name
+
+
 class SpecError(ValueError):
     """One or more problems with a spec; ``errors`` holds one line per problem."""
 
@@ -156,6 +170,21 @@ class SweepSpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0])
     report_to: list[str] = Field(default_factory=list)
     """tracking integrations passed to the Trainer: wandb, mlflow, tensorboard."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return path_safe(v)
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, v: dict[str, AdapterSpec] | None) -> dict[str, AdapterSpec] | None:
+        for k in v or {}:
+            try:
+                path_safe(k)
+            except ValueError as e:
+                raise ValueError(f"variant name {k!r}: {e}") from None
+        return v
 
     @field_validator("seeds")
     @classmethod

@@ -328,6 +328,7 @@ def _groups(
         key = key if isinstance(key, tuple) else (key,)
         v = g[metric].to_numpy(float)
         seeds = [_py(s) for s in g["seed"]]
+        _refuse_repeated_seeds(seeds, dict(zip(cols, key)), cols)
         ci = ci95(v)
         cost_v = pd.to_numeric(g[cost], errors="coerce").mean() if cost else np.nan
         mem_v = pd.to_numeric(g[mem], errors="coerce").max() if mem else np.nan
@@ -355,6 +356,21 @@ def _groups(
             }
         )
     return out
+
+
+def _refuse_repeated_seeds(seeds: list, key: dict, cols: list[str]) -> None:
+    """A seed twice in one configuration means its rows differ in something ``by`` does not
+    name (another max_steps, another data file): pooling them would report one configuration
+    made of two experiments, and pair seeds wrongly."""
+    seen: set = set()
+    for s in seeds:
+        if s in seen:
+            raise ValueError(
+                f"by: configuration {group_label(key)} has seed {s} more than once, so its rows "
+                f"differ in a setting that the grouping ({','.join(cols)}) does not name; add "
+                "that column to --by, or analyze the experiments apart"
+            )
+        seen.add(s)
 
 
 def _pooled_std(a: dict, b: dict) -> float:

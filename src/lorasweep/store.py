@@ -61,17 +61,39 @@ BEGIN SELECT RAISE(ABORT, 'finished trials are immutable'); END;
 CONFIG_COLUMNS = ("method", "alpha_policy", "alpha", "quantization", "target_modules")
 
 
+class StoreError(sqlite3.DatabaseError):
+    """A store that cannot be used (corrupt, truncated, unwritable); the message is one line."""
+
+    @classmethod
+    def of(cls, path: Path, e: sqlite3.DatabaseError) -> StoreError:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, sqlite3.OperationalError) and ("readonly" in why or "open" in why):
+            return cls(f"cannot write the run store {path}: {why}")
+        return cls(
+            f"the run store {path} is corrupt ({why}); move it away and run again into a new "
+            "--out (its finished trials cannot be read back)"
+        )
+
+
 class Store:
     """A run folder's SQLite store. Use ``open_store(dir)``."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        existed = self.path.exists()
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            # a truncated or overwritten file is found here, once, not by a later query
+            check = self._db.execute("PRAGMA quick_check").fetchone()[0] if existed else "ok"
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise StoreError.of(self.path, e) from None
 
     def close(self) -> None:
         self._db.close()

@@ -21,8 +21,10 @@ import yaml
 
 from lorasweep.advice import group_label
 from lorasweep.backends import RunContext, get_backend
+from lorasweep.data import source_fingerprint
 from lorasweep.prune import PruneSettings, decide_rung, merge_segments, rung_steps
 from lorasweep.results import HIGHER_IS_BETTER, Trial, TrialResult, TrialStatus, eval_curve
+from lorasweep.rundir import check_out_path, check_same_settings, claim
 from lorasweep.spec import SweepSpec, parse_spec, planned_steps
 from lorasweep.store import open_store
 
@@ -163,47 +165,26 @@ def run_sweep(
     if settings:
         settings.metric_for(spec.task)  # a metric the task does not measure: fail before work
     out = Path(out_dir)
-    be = get_backend(backend, jobs=jobs, address=address)
+    check_out_path(out)  # a file, or a stranger's folder: refused before anything loads
     trials = spec.trials()
-    if hasattr(be, "warm_up") and _has_work(out, trials, set(retry)):
-        be.warm_up()  # worker imports overlap the checks below
-    if not validated:
-        from lorasweep.validate import check_spec
+    be = get_backend(backend, jobs=jobs, address=address)
+    try:
+        if hasattr(be, "warm_up") and _has_work(out, trials, set(retry)):
+            be.warm_up()  # worker imports overlap the checks below
+        if not validated:
+            from lorasweep.validate import check_spec
 
-        check_spec(spec)
-    if settings and (out / "lorasweep.db").exists():
-        with open_store(out) as store:
-            _check_prune_settings(store.meta().get("prune"), settings)
-    with open_store(out, create=True) as store:
-        store.set_meta(
-            name=spec.name,
-            task=spec.task,
-            spec=spec.model_dump(mode="json"),
-            spec_yaml=yaml.safe_dump(
-                spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False
-            ),
-        )
-        store.add_trials(trials)
-        todo, skipped = select_trials(store, trials, set(retry))
-        ran = 0
-        if todo:
-            n_train = _prepare_data(spec, out)
-            runner = _Runner(store, be, out, spec.name, jobs, quiet, estimate_peaks(todo))
-            try:
-                if settings:
-                    ran = _run_pruned(runner, trials, settings, n_train, spec.task, set(retry))
-                else:
-                    rows = {r["id"]: r for r in store.trials()}
-                    resume = {t.id: {"resume_from": runner.paused(rows[t.id])[1]} for t in todo}
-                    ran = runner.run(todo, resume)
-            finally:
-                if hasattr(be, "close"):
-                    be.close()
-        statuses: dict[str, int] = {}
-        planned_ids = {t.id for t in trials}
-        for t in store.trials():
-            if t["id"] in planned_ids:
-                statuses[t["status"]] = statuses.get(t["status"], 0) + 1
+            for note in check_spec(spec):
+                if not quiet:
+                    print(f"lorasweep: note: {note}", file=sys.stderr)
+        fingerprint = source_fingerprint(spec.dataset.model_dump())
+        with claim(out) as held:
+            ran, skipped, statuses = _run_claimed(
+                held, spec, trials, be, fingerprint, settings, set(retry), jobs, quiet
+            )
+    finally:
+        if hasattr(be, "close"):
+            be.close()
     outcome = SweepOutcome(out, len(trials), ran, skipped, statuses)
     if report and (ran or not (out / "report.html").exists()):
         outcome.report = write_run_report(out)
@@ -212,14 +193,73 @@ def run_sweep(
     return outcome
 
 
+def _run_claimed(
+    held: Any,
+    spec: SweepSpec,
+    trials: list[Trial],
+    be: Any,
+    fingerprint: str | None,
+    settings: PruneSettings | None,
+    retry: set[str],
+    jobs: int,
+    quiet: bool,
+) -> tuple[int, int, dict[str, int]]:
+    """The sweep inside its claimed run folder: refuse a changed experiment, record the plan,
+    run what is not finished. Returns (trials run now, trials already recorded, status counts
+    of the planned trials)."""
+    out = held.out
+    with open_store(out, create=True) as store:
+        meta = store.meta()
+        check_same_settings(
+            store.trials(),
+            trials,
+            out,
+            stored_fingerprint=meta.get("data_fingerprint"),
+            fingerprint=fingerprint,
+            source=spec.dataset.source,
+        )
+        if settings:
+            _check_prune_settings(meta.get("prune"), settings)
+        store.set_meta(
+            name=spec.name,
+            task=spec.task,
+            spec=spec.model_dump(mode="json"),
+            spec_yaml=yaml.safe_dump(
+                spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False
+            ),
+            data_fingerprint=fingerprint or meta.get("data_fingerprint"),
+        )
+        store.add_trials(trials)
+        todo, skipped = select_trials(store, trials, retry)
+        ran = 0
+        if todo:
+            n_train = _prepare_data(spec, out, fingerprint)
+            held.started()  # from here on the folder holds a sweep's work: never removed
+            runner = _Runner(store, be, out, spec.name, jobs, quiet, estimate_peaks(todo),
+                             fingerprint)  # fmt: skip
+            if settings:
+                ran = _run_pruned(runner, trials, settings, n_train, spec.task, retry)
+            else:
+                rows = {r["id"]: r for r in store.trials()}
+                resume = {t.id: {"resume_from": runner.paused(rows[t.id])[1]} for t in todo}
+                ran = runner.run(todo, resume)
+        statuses: dict[str, int] = {}
+        planned_ids = {t.id for t in trials}
+        for t in store.trials():
+            if t["id"] in planned_ids:
+                statuses[t["status"]] = statuses.get(t["status"], 0) + 1
+    return ran, skipped, statuses
+
+
 class _Runner:
     """Runs trials (or segments of trials, between pruning rungs) through a backend and records
     each result the moment it arrives. The parent is the only writer of the store."""
 
     def __init__(self, store: Any, backend: Any, out: Path, name: str, jobs: int, quiet: bool,
-                 estimates: dict[str, float]):  # fmt: skip
+                 estimates: dict[str, float], fingerprint: str | None = None):  # fmt: skip
         self.store, self.backend, self.out, self.name = store, backend, out, name
         self.jobs, self.quiet, self.estimates = jobs, quiet, estimates
+        self.fingerprint = fingerprint
 
     def paused(self, row: dict[str, Any]) -> tuple[int, str | None]:
         """(step, checkpoint path) of a stored trial paused at a rung; (0, None) when it is not
@@ -247,6 +287,7 @@ class _Runner:
             on_start=on_start,
             on_progress=progress.progress,
             segments={k: v for k, v in segments.items() if any(v.values())},
+            extra={"data_fingerprint": self.fingerprint} if self.fingerprint else {},
         )
         n = 0
         for result in self.backend.run(trials, ctx):
@@ -460,7 +501,7 @@ def _has_work(out: Path, trials: list[Trial], retry: set[str]) -> bool:
         return bool(select_trials(store, trials, retry)[0])
 
 
-def _prepare_data(spec: SweepSpec, out: Path) -> int:
+def _prepare_data(spec: SweepSpec, out: Path, fingerprint: str | None = None) -> int:
     """Tokenize once in the parent, so trials (in any worker) only load the cached dataset.
     Returns the number of training examples (rows of the tokenized train split)."""
     import datasets
@@ -470,8 +511,24 @@ def _prepare_data(spec: SweepSpec, out: Path) -> int:
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()  # "Map: 100%" bars would fill a CI log
     tok = models.load_tokenizer(spec.model)
-    train, _, _ = data.prepare(spec.dataset.model_dump(), spec.task, spec.model, tok, out / "cache")
+    train, _, info = data.prepare(
+        spec.dataset.model_dump(),
+        spec.task,
+        spec.model,
+        tok,
+        out / "cache",
+        fingerprint=fingerprint,
+    )
+    dropped = sum((info.get("dedup") or {}).values())
+    if dropped and sys.stderr is not None:
+        print(f"dataset: dropped {_dedup_text(info['dedup'])} before the split, so no text is in "
+              "both train and eval", file=sys.stderr)  # fmt: skip
     return len(train)
+
+
+def _dedup_text(dedup: dict[str, int]) -> str:
+    """``3 duplicate train rows, 1 eval row also in train``-style words for the dedup counts."""
+    return ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in dedup.items() if n)
 
 
 def _adapter_path(run_dir: Path, stored: str) -> Path:

@@ -430,9 +430,12 @@ def _run(
     # -- load: data (cached tokenized), model, peft wrap
     with monitor.timer("load"):
         tokenizer = models.load_tokenizer(cfg["model"])
+        # the parent's fingerprint: every trial of a sweep uses the data the parent prepared
         train_ds, eval_ds, info = data_mod.prepare(
-            cfg["dataset"], task, cfg["model"], tokenizer, cache_root
-        )
+            cfg["dataset"], task, cfg["model"], tokenizer, cache_root,
+            fingerprint=context.get("data_fingerprint"),
+        )  # fmt: skip
+        result.environment["data_fingerprint"] = info.get("fingerprint")
         set_seed(trial.seed)  # fixes the classifier head and adapter init
         model = models.load_model(
             cfg["model"],
