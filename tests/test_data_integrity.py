@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import _minilm_tokenizer_dir
 
-from lorasweep import data
+from lorasweep import data, datacheck
 from lorasweep.spec import DatasetSpec
 
 
@@ -144,16 +144,16 @@ def test_builtin_reviews_are_deduplicated_by_the_common_step():
 
 
 def one_line(d: dict, task: str = "classification", **kw: object) -> str:
-    lines = data.check_rows(d, task, **kw)
+    lines = datacheck.check_rows(d, task, **kw)
     assert len(lines) == 1, lines
     return lines[0]
 
 
 def test_good_files_builtins_and_hub_ids_pass(tiny_csv: Path, tiny_text: Path):
-    assert data.check_rows(dspec(tiny_csv), "classification") == []
-    assert data.check_rows(dspec(tiny_text), "causal-lm") == []
-    assert data.check_rows(dspec("builtin:rotten-tomatoes"), "classification") == []
-    assert data.check_rows(dspec("someone/some-dataset"), "classification") == []
+    assert datacheck.check_rows(dspec(tiny_csv), "classification") == []
+    assert datacheck.check_rows(dspec(tiny_text), "causal-lm") == []
+    assert datacheck.check_rows(dspec("builtin:rotten-tomatoes"), "classification") == []
+    assert datacheck.check_rows(dspec("someone/some-dataset"), "classification") == []
 
 
 def test_label_column_equal_to_text_column(tiny_csv: Path):
@@ -175,8 +175,8 @@ def test_empty_text_cells_are_counted_with_the_first_row(tmp_path: Path, reviews
     line = one_line(dspec(tmp_path / "e.csv"))
     assert line.startswith("dataset.text_column: 4 empty or missing cells in column 'text'")
     assert line.endswith("first: data row 5 (1-based, header not counted)")
-    monkeypatch.setattr(data, "_CHECK_BATCH_ROWS", 3)  # read in small pieces: the same answer
-    data._scan_cached.cache_clear()
+    monkeypatch.setattr(datacheck, "_CHECK_BATCH_ROWS", 3)  # read in small pieces: the same answer
+    datacheck._scan_cached.cache_clear()
     assert one_line(dspec(tmp_path / "e.csv")) == line
 
 
@@ -278,27 +278,15 @@ def test_a_malformed_csv_row_300_is_found(tmp_path: Path):
         "C error: Expected 2 fields in line 300, saw 3"
     )
     assert one_line(dspec(path)) == want
-    assert data.class_count(dspec(path)) is None
-
-
-def test_a_train_split_smaller_than_one_batch(tmp_path: Path, reviews):
-    reviews.head(20).assign(label=[0, 1] * 10).to_csv(tmp_path / "b.csv", index=False)
-    d = dspec(tmp_path / "b.csv")
-    assert data.check_rows(d, "classification", batch_size=8) == []
-    line = one_line(d, batch_size=32)
-    assert line == (
-        f"dataset.source: {str(tmp_path / 'b.csv')!r} leaves 18 rows for training (20 rows, "
-        "dataset.eval_fraction 0.1), fewer than one batch of "
-        "training.per_device_train_batch_size 32"
-    )
+    assert datacheck.class_count(dspec(path)) is None
 
 
 def test_class_count(tiny_csv: Path, tmp_path: Path, reviews):
-    assert data.class_count(dspec(tiny_csv)) == 2
-    assert data.class_count(dspec("builtin:rotten-tomatoes")) == 2
-    assert data.class_count(dspec("someone/some-dataset")) is None
+    assert datacheck.class_count(dspec(tiny_csv)) == 2
+    assert datacheck.class_count(dspec("builtin:rotten-tomatoes")) == 2
+    assert datacheck.class_count(dspec("someone/some-dataset")) is None
     path = tmp_path / "three.csv"
     reviews.assign(label=[0, 1, 2] * 80).to_csv(path, index=False)
-    assert data.class_count(dspec(path)) == 3
+    assert datacheck.class_count(dspec(path)) == 3
     reviews.assign(label=[0, 1, 2, 3] * 60).to_csv(path, index=False)  # an edit is seen
-    assert data.class_count(dspec(path)) == 4
+    assert datacheck.class_count(dspec(path)) == 4

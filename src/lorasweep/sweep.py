@@ -233,7 +233,8 @@ def _run_claimed(
         todo, skipped = select_trials(store, trials, retry)
         ran = 0
         if todo:
-            n_train = _prepare_data(spec, out, fingerprint)
+            n_train, dedup = _prepare_data(spec, out, fingerprint)
+            store.set_meta(data_dedup=dedup)  # rows dropped before the split, for the record
             held.started()  # from here on the folder holds a sweep's work: never removed
             runner = _Runner(store, be, out, spec.name, jobs, quiet, estimate_peaks(todo),
                              fingerprint)  # fmt: skip
@@ -501,9 +502,12 @@ def _has_work(out: Path, trials: list[Trial], retry: set[str]) -> bool:
         return bool(select_trials(store, trials, retry)[0])
 
 
-def _prepare_data(spec: SweepSpec, out: Path, fingerprint: str | None = None) -> int:
+def _prepare_data(
+    spec: SweepSpec, out: Path, fingerprint: str | None = None
+) -> tuple[int, dict[str, int]]:
     """Tokenize once in the parent, so trials (in any worker) only load the cached dataset.
-    Returns the number of training examples (rows of the tokenized train split)."""
+    Returns the number of training examples (rows of the tokenized train split) and the rows
+    de-duplication dropped before the split."""
     import datasets
 
     from lorasweep import data, models
@@ -519,16 +523,19 @@ def _prepare_data(spec: SweepSpec, out: Path, fingerprint: str | None = None) ->
         out / "cache",
         fingerprint=fingerprint,
     )
-    dropped = sum((info.get("dedup") or {}).values())
-    if dropped and sys.stderr is not None:
-        print(f"dataset: dropped {_dedup_text(info['dedup'])} before the split, so no text is in "
-              "both train and eval", file=sys.stderr)  # fmt: skip
-    return len(train)
-
-
-def _dedup_text(dedup: dict[str, int]) -> str:
-    """``3 duplicate train rows, 1 eval row also in train``-style words for the dedup counts."""
-    return ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in dedup.items() if n)
+    dedup = dict(info.get("dedup") or {})
+    words = [
+        f"{n} {what}"
+        for what, n in (
+            ("duplicate rows", dedup.get("train_duplicates_dropped")),
+            ("eval rows also in train", dedup.get("eval_in_train_dropped")),
+        )
+        if n
+    ]
+    if words:
+        print(f"lorasweep: note: dataset: dropped {' and '.join(words)} before the split, so "
+              "no text is in both train and eval", file=sys.stderr)  # fmt: skip
+    return len(train), dedup
 
 
 def _adapter_path(run_dir: Path, stored: str) -> Path:

@@ -108,7 +108,7 @@ def check_training(training: dict[str, Any], key: str, fields: dict[str, Any]) -
 
 
 def check_dataset(spec: SweepSpec) -> list[str]:
-    from lorasweep import data
+    from lorasweep import data, datacheck
 
     d = spec.dataset
     src = d.source
@@ -152,18 +152,18 @@ def check_dataset(spec: SweepSpec) -> list[str]:
     ]
     # every row of a local file, before any weights load (a bad row 300 fails here, not in
     # the middle of tokenizing)
-    return missing or data.check_rows(d.model_dump(), spec.task)
+    return missing or datacheck.check_rows(d.model_dump(), spec.task)
 
 
 def head_notes(spec: SweepSpec, config: Any) -> list[str]:
     """A classification checkpoint whose head has another number of classes than the data:
     the head is re-initialized (not an error, but the user should know)."""
-    from lorasweep import data
+    from lorasweep import datacheck
 
     archs = getattr(config, "architectures", None) or []
     if spec.task != "classification" or not any("SequenceClassification" in a for a in archs):
         return []
-    n = data.class_count(spec.dataset.model_dump())
+    n = datacheck.class_count(spec.dataset.model_dump())
     if n is None or n == config.num_labels:
         return []
     return [
