@@ -1,4 +1,5 @@
-"""Benchmark of ``lorasweep.estimate``: speed, exactness on a 7B model, estimated vs measured peak.
+"""Benchmark of ``lorasweep.tools.estimate``:
+speed, exactness on a 7B model, estimated vs measured peak.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_estimate.py [--skip-measure]
 
@@ -60,7 +61,7 @@ print(json.dumps({"peak_rss": peak[0]}))
 
 
 def bench_speed() -> None:
-    from lorasweep.estimate import estimate
+    from lorasweep.tools.estimate import estimate
 
     print("## Speed: 7 ranks, no weights, no network (after imports)")
     for name, targets in [("mistral-7b", "all-linear"), ("llama-3-8b", "default"),
@@ -78,8 +79,8 @@ def bench_exact_7b() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from lorasweep.estimate import estimate, load_model_config
-    from lorasweep.targets import build_meta_model
+    from lorasweep.tools.estimate import estimate, load_model_config
+    from lorasweep.training.targets import build_meta_model
 
     print("\n## Exactness on the Mistral-7B meta model vs peft (r=16, all-linear)")
     result = estimate("mistral-7b", ranks=[16], targets="all-linear")
@@ -96,7 +97,7 @@ def bench_exact_7b() -> None:
 
 
 def bench_measured(tmp: str) -> None:
-    from lorasweep.estimate import estimate
+    from lorasweep.tools.estimate import estimate
 
     print("\n## CPU demo: estimated vs measured peak RSS (MiniLM-L6, fp32, query+value, AdamW)")
     print("| rank | batch x seq | estimated MiB | measured MiB | error |")
@@ -118,7 +119,7 @@ def main() -> None:
     parser.add_argument("--tmp", default="/tmp/lorasweep-bench-estimate")
     args = parser.parse_args()
     start = time.perf_counter()
-    import lorasweep.estimate  # noqa: F401  (torch, transformers, peft)
+    import lorasweep.tools.estimate  # noqa: F401  (torch, transformers, peft)
 
     print(f"imports: {time.perf_counter() - start:.2f} s")
     bench_speed()

@@ -36,13 +36,24 @@ RANKS = [4, 8, 16]
 
 def spec(steps: int) -> dict:
     return {
-        "name": "bench", "task": "classification", "model": "builtin:minilm-l6",
-        "dataset": {"source": "builtin:rotten-tomatoes", "max_train_examples": 2000,
-                    "max_eval_examples": 500, "max_length": 64},
-        "training": {"learning_rate": 2e-3, "per_device_train_batch_size": 32,
-                     "max_steps": steps, "logging_steps": 10},
+        "name": "bench",
+        "task": "classification",
+        "model": "builtin:minilm-l6",
+        "dataset": {
+            "source": "builtin:rotten-tomatoes",
+            "max_train_examples": 2000,
+            "max_eval_examples": 500,
+            "max_length": 64,
+        },
+        "training": {
+            "learning_rate": 2e-3,
+            "per_device_train_batch_size": 32,
+            "max_steps": steps,
+            "logging_steps": 10,
+        },
         "lora": {"target_modules": ["query", "value"], "alpha": "2*rank", "dropout": 0.1},
-        "grid": {"rank": RANKS}, "seeds": [0],
+        "grid": {"rank": RANKS},
+        "seeds": [0],
     }
 
 
@@ -51,17 +62,28 @@ def bare(steps: int, threads: int) -> dict:
     import numpy as np
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorWithPadding, Trainer, TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
-    from lorasweep.data import split_and_subsample
-    from lorasweep.models import minilm_dir
+    from lorasweep.training.data import split_and_subsample
+    from lorasweep.training.models import minilm_dir
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     d = spec(steps)["dataset"]
-    dspec = {**d, "text_column": "text", "label_column": "label", "eval_fraction": 0.1,
-             "split_seed": 0}
+    dspec = {
+        **d,
+        "text_column": "text",
+        "label_column": "label",
+        "eval_fraction": 0.1,
+        "split_seed": 0,
+    }
     train, evalset = split_and_subsample(dspec, "classification")
     tok = AutoTokenizer.from_pretrained(minilm_dir())
 
@@ -77,15 +99,35 @@ def bare(steps: int, threads: int) -> dict:
         for r in RANKS:
             set_seed(0)
             model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
-            model = get_peft_model(model, LoraConfig(
-                r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=["query", "value"],
-                task_type=TaskType.SEQ_CLS))
-            args = TrainingArguments(output_dir=tmp, learning_rate=2e-3,
-                                     per_device_train_batch_size=32, max_steps=steps,
-                                     logging_steps=10, report_to="none", save_strategy="no",
-                                     use_cpu=True, seed=0, data_seed=0, disable_tqdm=True)
-            trainer = Trainer(model=model, args=args, train_dataset=train,
-                              data_collator=DataCollatorWithPadding(tok))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=r,
+                    lora_alpha=2 * r,
+                    lora_dropout=0.1,
+                    target_modules=["query", "value"],
+                    task_type=TaskType.SEQ_CLS,
+                ),
+            )
+            args = TrainingArguments(
+                output_dir=tmp,
+                learning_rate=2e-3,
+                per_device_train_batch_size=32,
+                max_steps=steps,
+                logging_steps=10,
+                report_to="none",
+                save_strategy="no",
+                use_cpu=True,
+                seed=0,
+                data_seed=0,
+                disable_tqdm=True,
+            )
+            trainer = Trainer(
+                model=model,
+                args=args,
+                train_dataset=train,
+                data_collator=DataCollatorWithPadding(tok),
+            )
             t = time.perf_counter()
             trainer.train()
             train_secs.append(time.perf_counter() - t)
@@ -95,8 +137,8 @@ def bare(steps: int, threads: int) -> dict:
 
 
 def lorasweep_run(steps: int) -> dict:
+    from lorasweep.run.sweep import run_sweep
     from lorasweep.store import open_store
-    from lorasweep.sweep import run_sweep
 
     out = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     t0 = time.perf_counter()
@@ -119,8 +161,12 @@ def lorasweep_run(steps: int) -> dict:
 def _timed(side: str, steps: int) -> dict:
     """Run one side in a fresh interpreter; wall time from start to exit."""
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(steps)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--side", side, "--steps", str(steps)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     wall = time.perf_counter() - t0
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["process_wall"] = wall
@@ -147,8 +193,10 @@ def main() -> None:
     print(json.dumps({"bare": b, "lorasweep": s}, indent=1))
     print(f"\nsteps={args.steps} trials={n} threads={threads} load={os.getloadavg()[0]:.2f}")
     print(f"bare process {b['process_wall']:.1f} s, lorasweep process {s['process_wall']:.1f} s")
-    print(f"mean training loop {mean_train:.1f} s (bare) / "
-          f"{sum(s['train_seconds']) / n:.1f} s (lorasweep)")
+    print(
+        f"mean training loop {mean_train:.1f} s (bare) / "
+        f"{sum(s['train_seconds']) / n:.1f} s (lorasweep)"
+    )
     print(f"overhead per trial {over:+.2f} s = {100 * over / mean_train:+.1f} % of training time")
     print(f"trial load seconds (cached tokenized data): {[round(x, 2) for x in s['load_seconds']]}")
 

@@ -49,7 +49,7 @@ def summarize(
     after: float | None,
     stdout: list[str],
 ) -> dict:
-    from lorasweep.stats import analyze, group_label
+    from lorasweep.analysis.stats import analyze, group_label
     from lorasweep.store import open_store
 
     with open_store(folder) as store:
@@ -70,7 +70,7 @@ def summarize(
         "stdout_tail": stdout[-2:],
     }
     if prune:
-        from lorasweep.prune import pruning_summary
+        from lorasweep.run.pruning import pruning_summary
 
         s = pruning_summary(prune, df)
         out["pruning"] = {

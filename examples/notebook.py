@@ -62,8 +62,8 @@ df[["label", "status", "accuracy", "f1", "train_seconds", "trainable_params"]]
 
 # %% [markdown]
 # ## Statistics and the recommendation
-# `analysis()` is `lorasweep.stats.analyze` (paired tests over seeds, Holm-adjusted); keyword
-# arguments choose the metric, cost, tolerance or a memory budget.
+# `analysis()` is `lorasweep.analysis.stats.analyze` (paired tests over seeds, Holm-adjusted);
+# keyword arguments choose the metric, cost, tolerance or a memory budget.
 
 # %%
 summary = results.summary()

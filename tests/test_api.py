@@ -86,7 +86,7 @@ def test_results_frames_are_the_stores(results: Results) -> None:
 
 
 def test_analysis_and_recommendation_match_the_cli(results: Results) -> None:
-    from lorasweep.stats import analyze, format_analysis, group_label
+    from lorasweep.analysis.stats import analyze, format_analysis, group_label
 
     a = results.analysis()
     assert a == analyze(results.trials)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lorasweep.backends import get_backend
-from lorasweep.backends.local import LocalBackend
+from lorasweep.run.backends import get_backend
+from lorasweep.run.backends.local import LocalBackend
+from lorasweep.run.sweep import run_sweep
 from lorasweep.store import open_store
-from lorasweep.sweep import run_sweep
 
 # metrics that depend only on the seed and the data, not on timing or the machine's load
 DETERMINISTIC = (
@@ -75,7 +75,7 @@ def test_unknown_backend_and_bad_jobs():
 
 
 def test_local_slots_pin_one_gpu_each_and_keep_the_parents_mask(monkeypatch):
-    import lorasweep.backends.local as local
+    import lorasweep.run.backends.local as local
 
     monkeypatch.setattr(local, "_gpu_ids", lambda: ["3", "5"])
     assert LocalBackend(jobs=2)._slots() == (["3", "5"], None)
@@ -94,7 +94,7 @@ def test_local_slots_pin_one_gpu_each_and_keep_the_parents_mask(monkeypatch):
 
 
 def test_local_cpu_threads_are_a_share_of_the_cores(monkeypatch):
-    import lorasweep.backends.local as local
+    import lorasweep.run.backends.local as local
 
     monkeypatch.setattr(local, "_gpu_ids", lambda: [])
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
@@ -124,8 +124,8 @@ def test_local_jobs_2_same_results_as_jobs_1(tiny_bert_dir, tiny_csv, tmp_path):
 
 
 def test_ray_missing_is_one_clear_line(monkeypatch, tmp_path):
-    from lorasweep.backends import RunContext
-    from lorasweep.backends.ray import RayBackend
+    from lorasweep.run.backends import RunContext
+    from lorasweep.run.backends.ray import RayBackend
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ValueError, match=r"pip install 'lorasweep\[ray\]'"):
@@ -134,8 +134,8 @@ def test_ray_missing_is_one_clear_line(monkeypatch, tmp_path):
 
 def test_ray_unreachable_address_is_one_clear_line(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
-    from lorasweep.backends import RunContext
-    from lorasweep.backends.ray import RayBackend
+    from lorasweep.run.backends import RunContext
+    from lorasweep.run.backends.ray import RayBackend
 
     if ray.is_initialized():
         pytest.skip("a Ray session is already open in this process")
@@ -185,7 +185,7 @@ def test_ray_and_local_pruned_trials_resume_across_processes(
 ):
     """--prune with one rung (step 2 of 4): each trial pauses in one worker process and resumes
     from its checkpoint in another (a fork, a Ray task); the numbers equal an unpaused run."""
-    from lorasweep.prune import PruneSettings
+    from lorasweep.run.pruning import PruneSettings
 
     spec = _spec(tiny_bert_dir, tiny_csv, seeds=[0, 1])  # 2 ranks: one configuration alone
     # would skip its rungs (nothing to compare)
@@ -208,8 +208,8 @@ def _stored_run(spec: dict, out: Path, backend: str) -> dict[str, dict]:
 
 
 def test_ray_worker_death_is_classified(local_ray):
-    from lorasweep.backends.ray import _collect
-    from lorasweep.results import Trial, TrialStatus
+    from lorasweep.records import Trial, TrialStatus
+    from lorasweep.run.backends.ray import _collect
 
     ray = local_ray
     trial = Trial(config={"x": 1}, variant="lora", rank=2, seed=0)

@@ -28,9 +28,9 @@ import yaml
 from conftest import tiny_classification_spec
 
 from lorasweep.cli import main
-from lorasweep.results import Trial, TrialResult, TrialStatus
+from lorasweep.records import Trial, TrialResult, TrialStatus
+from lorasweep.run.sweep import run_sweep
 from lorasweep.store import open_store
-from lorasweep.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -562,7 +562,7 @@ def test_a_second_run_on_the_same_folder_is_refused(recorded_run, tmp_path, caps
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys
             from pathlib import Path
-            from lorasweep.rundir import claim
+            from lorasweep.run.rundir import claim
             with claim(Path({str(out)!r})):
                 print("held", flush=True)
                 sys.stdin.read()
@@ -657,7 +657,7 @@ def test_a_classification_head_of_another_size_is_reinitialized_with_a_note(
 
 
 def _fail_trials(monkeypatch, ranks: set[int]) -> None:
-    import lorasweep.trial as trial_mod
+    import lorasweep.training.trial as trial_mod
 
     real = trial_mod._run
 
@@ -778,7 +778,7 @@ def test_disk_full_while_recording(tiny_bert_dir, tiny_csv, tmp_path, monkeypatc
 
 
 def test_no_space_left_while_writing(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch, capsys):
-    import lorasweep.report as report_mod
+    import lorasweep.analysis.report as report_mod
 
     def full(*a, **kw):
         raise OSError(28, "No space left on device", str(tmp_path / "out" / "report.html"))

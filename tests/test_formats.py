@@ -12,7 +12,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from lorasweep.formats import (
+from lorasweep.training.formats import (
     IGNORE_INDEX,
     CausalCollator,
     FormatSpec,

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 
 from lorasweep.spec import parse_spec
-from lorasweep.starter import StarterError, infer_task, starter_spec
+from lorasweep.tools.starter import StarterError, infer_task, starter_spec
 
 
 def test_minilm_starter_is_a_commented_classification_spec_that_checks() -> None:
-    from lorasweep.validate import check_spec
+    from lorasweep.run.preflight import check_spec
 
     text = starter_spec("builtin:minilm-l6", None)
     assert text.count("\n#") >= 3 and "docs/spec.md" in text

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from lorasweep import plots
+from lorasweep.analysis import plots
 
 GIB = 1024**3
 

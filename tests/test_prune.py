@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lorasweep.prune import decide_rung, rung_steps
+from lorasweep.run.pruning import decide_rung, rung_steps
 
 
 def test_rung_schedule():
@@ -48,8 +48,8 @@ def test_one_seed_drops_nothing_and_diverged_seed_is_worst():
 
 
 def test_merge_segments_adds_times_keeps_peaks_and_joins_curves():
-    from lorasweep.prune import merge_segments
-    from lorasweep.results import TrialResult, TrialStatus
+    from lorasweep.records import TrialResult, TrialStatus
+    from lorasweep.run.pruning import merge_segments
 
     prev = TrialResult(
         "t", TrialStatus.PENDING,
@@ -86,7 +86,7 @@ def test_merge_segments_adds_times_keeps_peaks_and_joins_curves():
 
 
 def test_planned_steps_counts_like_the_trainer():
-    from lorasweep.prune import planned_steps
+    from lorasweep.run.pruning import planned_steps
 
     assert planned_steps({"max_steps": 80}, 10_000) == 80
     # 1000 examples, batch 32 -> 32 batches (last one partial), accumulation 4 -> 8 per epoch
@@ -100,7 +100,7 @@ def test_planned_steps_counts_like_the_trainer():
 def test_pruning_summary_and_section_name_the_cheaper_dropped_config():
     import pandas as pd
 
-    from lorasweep.prune import format_pruning, pruning_section_html, pruning_summary
+    from lorasweep.run.pruning import format_pruning, pruning_section_html, pruning_summary
 
     state = {
         "settings": {"eta": 2, "min_steps": 10, "alpha": 0.05, "tolerance": 0.0},

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from conftest import tiny_classification_spec
 
-from lorasweep.results import TrialStatus
+from lorasweep.records import TrialStatus
 from lorasweep.spec import parse_spec
 
 
 def _segments(trial, workdir: Path, cache: Path, stops: list[int | None], rung_eval=None):
     """Run a trial in segments as the sweep does, merging results as the parent does."""
-    from lorasweep.prune import merge_segments
-    from lorasweep.trial import train_trial
+    from lorasweep.run.pruning import merge_segments
+    from lorasweep.training.trial import train_trial
 
     merged, resume = None, None
     for stop in stops:
@@ -43,7 +43,7 @@ def test_paused_and_resumed_trial_equals_unpaused(tiny_bert_dir, tiny_csv, tmp_p
     """A trial paused at rungs 4 and 8 and resumed from its checkpoints ends with the same
     weights-derived numbers as the same trial run straight to step 12 (dropout on, so the RNG
     states must be restored too; AdaLoRA also needs its allocator's importance scores)."""
-    from lorasweep.trial import train_trial
+    from lorasweep.training.trial import train_trial
 
     lora = {"target_modules": ["query", "value"], "alpha": 8, "dropout": 0.1}
     if method == "adalora":
@@ -93,8 +93,8 @@ def test_paused_and_resumed_trial_equals_unpaused(tiny_bert_dir, tiny_csv, tmp_p
 def _run_interrupted(spec: dict, out: Path, *, after: int, prune) -> None:
     """Run a sweep in-process and stop it with Ctrl-C (KeyboardInterrupt) right after its
     ``after``-th result is recorded, as a user would."""
-    from lorasweep import sweep as sweep_mod
-    from lorasweep.sweep import run_sweep
+    from lorasweep.run import sweep as sweep_mod
+    from lorasweep.run.sweep import run_sweep
 
     calls = {"n": 0}
     finish = sweep_mod.Progress.finish
@@ -126,7 +126,7 @@ def _ruined_spec(model_dir: Path, csv: Path) -> dict:
 
 
 def _settings():
-    from lorasweep.prune import PruneSettings
+    from lorasweep.run.pruning import PruneSettings
 
     return PruneSettings(min_steps=2, metric="eval_loss")  # rungs at steps 2 and 4 of 8
 
@@ -134,8 +134,8 @@ def _settings():
 def test_prune_sweep_drops_the_worse_config_and_survivors_match_the_full_grid(
     tiny_bert_dir, tiny_csv, tmp_path
 ):
+    from lorasweep.run.sweep import run_sweep
     from lorasweep.store import open_store
-    from lorasweep.sweep import run_sweep
 
     spec = _ruined_spec(tiny_bert_dir, tiny_csv)
     full = run_sweep(spec, tmp_path / "full", backend="inprocess", quiet=True, report=False)
@@ -190,7 +190,7 @@ def test_prune_sweep_drops_the_worse_config_and_survivors_match_the_full_grid(
     # nothing left to run; a different setting on this folder is refused
     again = run_sweep(spec, out, backend="inprocess", quiet=True, prune=_settings())
     assert again.ran == 0
-    from lorasweep.prune import PruneSettings
+    from lorasweep.run.pruning import PruneSettings
 
     with pytest.raises(ValueError, match="--prune: this run folder was pruned with"):
         run_sweep(spec, out, backend="inprocess", quiet=True,
@@ -245,8 +245,8 @@ def test_a_paused_trial_resumed_without_prune_runs_from_its_checkpoint_to_the_en
 ):
     """A pruned sweep stopped after its first rung, then resumed *without* --prune: the paused
     trials continue from their checkpoints (not from step 0) and end as an unpaused run would."""
-    from lorasweep.prune import PruneSettings
-    from lorasweep.sweep import run_sweep
+    from lorasweep.run.pruning import PruneSettings
+    from lorasweep.run.sweep import run_sweep
 
     spec = tiny_classification_spec(tiny_bert_dir, tiny_csv)  # 2 ranks x 2 seeds, 4 steps
     plain = run_sweep(spec, tmp_path / "plain", backend="inprocess", quiet=True, report=False)

@@ -10,8 +10,8 @@ import math
 
 import pytest
 
+from lorasweep.run.sweep import run_sweep
 from lorasweep.store import open_store
-from lorasweep.sweep import run_sweep
 
 
 @pytest.mark.slow  # the real MiniLM-L6 (22M parameters), 40 steps on 800 reviews

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lorasweep import report, stats
+from lorasweep.analysis import report, stats
 
 GIB = 1024**3
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ import math
 import pytest
 from conftest import tiny_classification_spec
 
+from lorasweep.run.preflight import check_spec
 from lorasweep.spec import SpecError, parse_spec, plan, resolve_alpha
-from lorasweep.validate import check_spec
 
 DEMO = {
     "name": "demo",

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorasweep import spectrum as sp
+from lorasweep.tools import spectrum as sp
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -376,7 +376,7 @@ def test_plots_and_report_section(adapters, tmp_path):
 def test_import_and_analysis_do_not_load_torch(adapters):
     code = (
         "import sys, lorasweep; before = set(sys.modules)\n"
-        "import lorasweep.spectrum as s\n"
+        "import lorasweep.tools.spectrum as s\n"
         f"s.spectrum_section_html({{'a': {str(adapters['r16'])!r}}})\n"
         "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
         "assert not new & {'torch', 'transformers', 'peft'}, new\n"

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from lorasweep import stats
+from lorasweep.analysis import stats
 
 # accuracy per seed; r=4 clearly worse, r=8 and r=16 indistinguishable, r=32 a single seed,
 # r=8 seed 3 a NaN run, r=128 out of memory. train_seconds rise with rank.

@@ -6,9 +6,9 @@ import sqlite3
 
 import pytest
 
-from lorasweep.results import Trial, TrialResult, TrialStatus
+from lorasweep.records import Trial, TrialResult, TrialStatus
+from lorasweep.run.sweep import select_trials
 from lorasweep.store import open_store
-from lorasweep.sweep import select_trials
 
 
 def _trials(n: int = 3) -> list[Trial]:

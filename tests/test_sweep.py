@@ -10,8 +10,8 @@ import pytest
 from conftest import tiny_classification_spec
 
 from lorasweep.cli import main
+from lorasweep.run.sweep import run_sweep
 from lorasweep.store import open_store
-from lorasweep.sweep import run_sweep
 
 
 @pytest.mark.parametrize("backend", ["inprocess", "local"])
@@ -108,7 +108,7 @@ def test_cli_bad_spec_one_line_exit_2(tiny_bert_dir, tiny_csv, tmp_path):
 
 
 def test_dataset_is_tokenized_once_per_sweep(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
-    from lorasweep import data
+    from lorasweep.training import data
 
     calls = []
     real = data.tokenize_classification

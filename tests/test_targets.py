@@ -25,7 +25,7 @@ from transformers import (
     RobertaConfig,
 )
 
-from lorasweep.targets import (
+from lorasweep.training.targets import (
     build_meta_model,
     linear_module_names,
     module_groups,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lorasweep import tracking
+from lorasweep.training import tracking
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
@@ -203,9 +203,9 @@ def test_sweep_logs_one_run_per_trial_to_mlflow_and_tensorboard(
     experiment, with the Trainer's training loss and lorasweep's final metrics."""
     pytest.importorskip("mlflow")
     pytest.importorskip("tensorboard")
-    from lorasweep import trial as trial_mod
+    from lorasweep.run.sweep import run_sweep
     from lorasweep.store import open_store
-    from lorasweep.sweep import run_sweep
+    from lorasweep.training import trial as trial_mod
 
     spec = {
         "name": "tracked",
@@ -235,7 +235,9 @@ def test_sweep_logs_one_run_per_trial_to_mlflow_and_tensorboard(
         assert "train_loss" in run.data.metrics
 
     if getattr(trial_mod, "tracking", None) is not tracking:
-        pytest.skip("trial.py does not call lorasweep.tracking yet (final metrics, TB folder)")
+        pytest.skip(
+            "trial.py does not call lorasweep.training.tracking yet (final metrics, TB folder)"
+        )
     for name, run in by_name.items():
         acc = trials[name]["metrics"]["accuracy"]
         assert run.data.metrics["final/accuracy"] == pytest.approx(acc)

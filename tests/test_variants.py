@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorasweep import models
+from lorasweep.run.preflight import check_spec
 from lorasweep.spec import SpecError, adalora_schedule, parse_spec, plan
-from lorasweep.trial import train_trial
-from lorasweep.validate import check_spec
+from lorasweep.training import models
+from lorasweep.training.trial import train_trial
 
 H, FFN, LAYERS, LABELS = 64, 128, 2, 2  # hidden 64: bitsandbytes' CPU 4-bit packs 64-wide blocks
 HEAD = H * LABELS + LABELS  # the classifier head peft trains in full (modules_to_save)
@@ -74,8 +74,8 @@ def reload_matches(tiny: dict, trial, result) -> None:
     from peft import PeftModel
     from transformers import DataCollatorWithPadding
 
-    from lorasweep import data
-    from lorasweep.trial import _classification_metrics
+    from lorasweep.training import data
+    from lorasweep.training.trial import _classification_metrics
 
     ad = trial.config["adapter"]
     tok = models.load_tokenizer(tiny["model"])

@@ -9,11 +9,12 @@ import pytest
 import yaml
 from conftest import tiny_classification_spec
 
-from lorasweep import spectrum, verify
 from lorasweep.cli import main
+from lorasweep.run.sweep import run_sweep
 from lorasweep.spec import parse_spec
 from lorasweep.store import open_store
-from lorasweep.sweep import run_sweep
+from lorasweep.tools import spectrum
+from lorasweep.tools import spectrum_verify as verify
 
 pytest.importorskip("peft")
 
@@ -54,8 +55,8 @@ def fake_analysis(types, group_ranks, rank):
 def pattern_ranks(spec_dict, variant, names):
     """module -> rank for ``names`` under the variant's rank_pattern, as a trial builds it
     (targets.rank_pattern_for_groups) and peft matches it (first matching key)."""
-    from lorasweep.spectrum import _pattern_key
-    from lorasweep.targets import rank_pattern_for_groups
+    from lorasweep.tools.spectrum import _pattern_key
+    from lorasweep.training.targets import rank_pattern_for_groups
 
     spec = parse_spec(spec_dict)
     meta = verify._meta_model(spec)
@@ -79,7 +80,7 @@ def test_materializing_the_default_variant_keeps_every_trial_id(tiny_bert_dir, t
 
 
 def test_group_pattern_for_a_pilot_on_all_linear_layers(tiny_bert_dir, tiny_csv):
-    from lorasweep.validate import check_spec
+    from lorasweep.run.preflight import check_spec
 
     raw = pilot_spec(tiny_bert_dir, tiny_csv)  # the grid targets query, value
     analysis = fake_analysis(list(TYPES), {"attention": 2, "mlp": 5}, 5)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from lorasweep.results import Trial, TrialResult, TrialStatus
+from lorasweep.records import Trial, TrialResult, TrialStatus
 from lorasweep.spec import SpecError, parse_spec
 
 # bitsandbytes logs a warning on import on CPU about an optional `kernels` package that fetches
@@ -44,7 +44,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # heavy modules load on first use so `import lorasweep` stays fast
     if name in ("load_spec", "run_sweep"):
-        from lorasweep import sweep
+        from lorasweep.run import sweep
 
         return getattr(sweep, name)
     if name in ("Sweep", "Results"):
@@ -56,11 +56,11 @@ def __getattr__(name: str) -> Any:
 
         return open_store
     if name == "analyze":
-        from lorasweep.stats import analyze
+        from lorasweep.analysis.stats import analyze
 
         return analyze
     if name == "estimate":
-        from lorasweep.estimate import estimate
+        from lorasweep.tools.estimate import estimate
 
         return estimate
     raise AttributeError(f"module 'lorasweep' has no attribute {name!r}")

@@ -7,7 +7,7 @@
     sweep = Sweep.from_spec("sweep.yaml")        # a path, YAML text or a dict
     results = sweep.run("runs/demo", jobs=1)      # resumable, like `lorasweep run`
     results.trials                                # pandas DataFrame, one row per trial
-    results.analysis()                            # dict from lorasweep.stats.analyze
+    results.analysis()                            # dict from lorasweep.analysis.stats.analyze
     print(results.recommendation)                 # one line: the configuration and why
     results.plot_metric()                         # matplotlib Figure, shown inline in Jupyter
     results.report()                              # Path of report.html
@@ -31,8 +31,8 @@ if TYPE_CHECKING:  # heavy imports stay out of `import lorasweep.api`
     import pandas as pd
     from matplotlib.figure import Figure
 
+    from lorasweep.run.sweep import SweepOutcome
     from lorasweep.spec import SweepSpec
-    from lorasweep.sweep import SweepOutcome
 
 __all__ = ["Results", "Sweep"]
 
@@ -59,7 +59,7 @@ class Sweep:
 
     def check(self) -> Sweep:
         """Check the spec against the world (data file, columns, targets); SpecError if bad."""
-        from lorasweep.validate import check_spec
+        from lorasweep.run.preflight import check_spec
 
         check_spec(self.spec)
         return self
@@ -113,11 +113,11 @@ class Sweep:
             retry: statuses to run again: "failed", "oom".
             report: write ``out_dir/report.html`` at the end.
             quiet: no progress lines.
-            prune: True (or a ``lorasweep.prune.PruneSettings``) for successive halving: trials
-                pause at rungs and configurations significantly worse than the best are stored
-                ``pruned``, as ``lorasweep run --prune``.
+            prune: True (or a ``lorasweep.run.pruning.PruneSettings``) for successive halving:
+                trials pause at rungs and configurations significantly worse than the best are
+                stored ``pruned``, as ``lorasweep run --prune``.
         """
-        from lorasweep.sweep import run_sweep
+        from lorasweep.run.sweep import run_sweep
 
         outcome = run_sweep(
             self.spec,
@@ -185,7 +185,7 @@ class Results:
     def pruning(self) -> dict[str, Any] | None:
         """For a sweep run with ``prune``: its rung decisions and what pruning saved (trial-steps
         and training seconds against the full grid), as ``prune.pruning_summary``; else None."""
-        from lorasweep.prune import pruning_summary
+        from lorasweep.run.pruning import pruning_summary
 
         with self._store() as store:
             state, trials = store.meta().get("prune"), store.trials_frame()
@@ -195,7 +195,7 @@ class Results:
     def analysis(self, **kwargs: Any) -> dict[str, Any]:
         """``stats.analyze`` of the trials; keyword arguments as there (metric, direction, by,
         cost, tolerance, memory_budget_gb, alpha)."""
-        from lorasweep.stats import analyze
+        from lorasweep.analysis.stats import analyze
 
         return analyze(self.trials, **kwargs)
 
@@ -204,7 +204,7 @@ class Results:
         metric, marked best / recommended (the table ``format_analysis`` prints)."""
         import pandas as pd
 
-        from lorasweep.stats import group_label
+        from lorasweep.analysis.stats import group_label
 
         result = self.analysis(**kwargs)
         best = (result.get("best") or {}).get("key")
@@ -234,7 +234,7 @@ class Results:
     @property
     def recommendation(self) -> str:
         """The recommended configuration and the reason, as one paragraph of text."""
-        from lorasweep.stats import group_label
+        from lorasweep.analysis.stats import group_label
 
         try:
             result = self.analysis()
@@ -247,19 +247,19 @@ class Results:
 
     def format(self, **kwargs: Any) -> str:
         """The plain-text analysis the CLI prints (``stats.format_analysis``)."""
-        from lorasweep.stats import format_analysis
+        from lorasweep.analysis.stats import format_analysis
 
         return format_analysis(self.analysis(**kwargs))
 
-    # -- figures (lorasweep.plots renderers; each returns a matplotlib Figure)
+    # -- figures (lorasweep.analysis.plots renderers; each returns a matplotlib Figure)
     def _metric(self, metric: str | None) -> str:
-        from lorasweep.stats import resolve_metric
+        from lorasweep.analysis.stats import resolve_metric
 
         return resolve_metric(self.trials, metric)
 
     def plot_metric(self, metric: str | None = None, direction: str | None = None) -> Figure:
         """Mean metric per rank with 95% CI error bars, one line per variant."""
-        from lorasweep import plots
+        from lorasweep.analysis import plots
 
         trials = self.trials
         metric = self._metric(metric)
@@ -270,13 +270,13 @@ class Results:
 
     def plot_time(self, column: str = "train_seconds") -> Figure:
         """Training-loop wall time per rank (mean, 95% CI)."""
-        from lorasweep import plots
+        from lorasweep.analysis import plots
 
         return _inline(plots.plot_time_vs_rank(plots.time_vs_rank_data(self.trials, column)))
 
     def plot_memory(self, gpu_limits_gb: tuple[float, ...] = (24, 40, 80)) -> Figure:
         """Peak memory per rank (GPU allocated when measured, else CPU RSS), in GiB."""
-        from lorasweep import plots
+        from lorasweep.analysis import plots
 
         return _inline(
             plots.plot_memory_vs_rank(plots.memory_vs_rank_data(self.trials), gpu_limits_gb)
@@ -286,7 +286,7 @@ class Results:
         self, metric: str | None = None, cost: str = "train_seconds", direction: str | None = None
     ) -> Figure:
         """Mean metric vs mean cost per configuration, the Pareto front highlighted."""
-        from lorasweep import plots
+        from lorasweep.analysis import plots
 
         metric = self._metric(metric)
         data = plots.pareto_data(self.trials, metric, cost, direction)
@@ -294,14 +294,14 @@ class Results:
 
     def plot_efficiency(self, metric: str | None = None, direction: str | None = None) -> Figure:
         """Metric per training hour per rank."""
-        from lorasweep import plots
+        from lorasweep.analysis import plots
 
         metric = self._metric(metric)
         return _inline(plots.plot_efficiency(plots.efficiency_data(self.trials, metric, direction)))
 
     def plot_loss_curves(self, curve: str = "train_loss") -> Figure:
         """Training loss per step, averaged over seeds, one line per configuration."""
-        from lorasweep import plots
+        from lorasweep.analysis import plots
 
         data = plots.loss_curves_data(self.trials, self.curves, curve)
         return _inline(plots.plot_loss_curves(data, curve))
@@ -310,7 +310,7 @@ class Results:
     def report(self, **kwargs: Any) -> Path:
         """(Re)write ``out_dir/report.html`` and return its path; keyword arguments go to
         ``report.build_report`` (``analysis_kwargs``, ``gpu_limits_gb``)."""
-        from lorasweep.sweep import write_run_report
+        from lorasweep.run.sweep import write_run_report
 
         path = write_run_report(self.out_dir, **kwargs)
         if path is None:

@@ -32,7 +32,7 @@ def _demo_spec_path() -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lorasweep.sweep import run_sweep
+    from lorasweep.run.sweep import run_sweep
 
     retry = tuple(x for x in (args.retry or "").split(",") if x)
     # the --prune-* options default to None, so "given" is visible; PruneSettings holds the
@@ -41,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     given = {k: v for k, v in given.items() if v is not None}
     prune = None
     if args.prune:
-        from lorasweep.prune import PruneSettings
+        from lorasweep.run.pruning import PruneSettings
 
         prune = PruneSettings(**given)
     elif given:
@@ -83,7 +83,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_outcome(outcome: Any) -> None:
-    from lorasweep.stats import analyze, format_analysis
+    from lorasweep.analysis.stats import analyze, format_analysis
     from lorasweep.store import open_store
 
     st = ", ".join(f"{n} {s}" for s, n in sorted(outcome.statuses.items()))
@@ -98,7 +98,7 @@ def _print_outcome(outcome: Any) -> None:
     except ValueError as e:
         print(f"(no analysis: {e})")
     if prune_state:
-        from lorasweep.prune import format_pruning, pruning_summary
+        from lorasweep.run.pruning import format_pruning, pruning_summary
 
         print(format_pruning(pruning_summary(prune_state, df)))
     if outcome.report:
@@ -146,7 +146,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lorasweep.report import export_trials
+    from lorasweep.analysis.report import export_trials
     from lorasweep.store import open_store
 
     with open_store(args.dir) as store:
@@ -162,7 +162,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from lorasweep.stats import analyze, format_analysis, load_trials_table
+    from lorasweep.analysis.stats import analyze, format_analysis, load_trials_table
 
     src = Path(args.source)
     if src.is_dir():
@@ -189,8 +189,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from lorasweep.run.sweep import write_run_report
     from lorasweep.store import open_store
-    from lorasweep.sweep import write_run_report
 
     with open_store(args.dir) as store:
         rows = store.trials()
@@ -209,7 +209,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from lorasweep.estimate import estimate, plot_estimate
+    from lorasweep.tools.estimate import estimate, plot_estimate
 
     ranks = _positive_ints("--ranks", args.ranks)
     for flag, v in (("--batch", args.batch), ("--seq", args.seq)):
@@ -249,7 +249,7 @@ def _positive_ints(flag: str, text: str) -> list[int]:
 
 
 def cmd_spectrum(args: argparse.Namespace) -> int:
-    from lorasweep import spectrum
+    from lorasweep.tools import spectrum
 
     if not 0 < args.energy <= 1:
         raise UserError(f"--energy: must be in (0, 1], got {args.energy}")
@@ -264,7 +264,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     if args.verify:
         import contextlib
 
-        from lorasweep.verify import format_verify, verify_suggestion
+        from lorasweep.tools.spectrum_verify import format_verify, verify_suggestion
 
         # --json: stdout carries the JSON alone; anything training prints goes to stderr
         quiet_out = (
@@ -293,7 +293,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from lorasweep.starter import starter_spec
+    from lorasweep.tools.starter import starter_spec
 
     text = starter_spec(args.model, args.task)
     if args.output == "-":

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lorasweep.results import Trial
+from lorasweep.records import Trial
 
 
 def path_safe(name: str) -> str:

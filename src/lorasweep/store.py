@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lorasweep.results import Trial, TrialResult, TrialStatus
+from lorasweep.records import Trial, TrialResult, TrialStatus
 
 DB_NAME = "lorasweep.db"
 _FINISHED = tuple(s.value for s in TrialStatus if s.finished)

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lorasweep.results import Trial
+from lorasweep.records import Trial
 from lorasweep.store import DB_NAME
 
 LOCK_NAME = ".lorasweep.lock"

@@ -19,14 +19,14 @@ from typing import Any, TextIO
 
 import yaml
 
-from lorasweep.advice import group_label
-from lorasweep.backends import RunContext, get_backend
-from lorasweep.data import source_fingerprint
-from lorasweep.prune import PruneSettings, decide_rung, merge_segments, rung_steps
-from lorasweep.results import HIGHER_IS_BETTER, Trial, TrialResult, TrialStatus, eval_curve
-from lorasweep.rundir import check_out_path, check_same_settings, claim
+from lorasweep.analysis.explain import group_label
+from lorasweep.records import HIGHER_IS_BETTER, Trial, TrialResult, TrialStatus, eval_curve
+from lorasweep.run.backends import RunContext, get_backend
+from lorasweep.run.pruning import PruneSettings, decide_rung, merge_segments, rung_steps
+from lorasweep.run.rundir import check_out_path, check_same_settings, claim
 from lorasweep.spec import SweepSpec, parse_spec, planned_steps
 from lorasweep.store import open_store
+from lorasweep.training.data import source_fingerprint
 
 RETRYABLE = {"failed": TrialStatus.FAILED, "oom": TrialStatus.OOM}
 
@@ -111,7 +111,7 @@ def _fmt_secs(s: float) -> str:
 
 def load_spec(source: str | Path | dict[str, Any]) -> SweepSpec:
     """Parse a spec (path, YAML text or dict) and check it against the world; SpecError if bad."""
-    from lorasweep.validate import check_spec
+    from lorasweep.run.preflight import check_spec
 
     spec = parse_spec(source)
     check_spec(spec)
@@ -149,7 +149,7 @@ def run_sweep(
 
     ``prune`` (True or a PruneSettings) runs successive halving over the configurations: every
     surviving trial is paused at each rung, and a configuration significantly worse than the
-    best across seeds is stored ``pruned`` (see ``lorasweep.prune`` and docs/scaling.md).
+    best across seeds is stored ``pruned`` (see ``lorasweep.run.pruning`` and docs/scaling.md).
     """
     bad = set(retry) - set(RETRYABLE)
     if bad:
@@ -172,7 +172,7 @@ def run_sweep(
         if hasattr(be, "warm_up") and _has_work(out, trials, set(retry)):
             be.warm_up()  # worker imports overlap the checks below
         if not validated:
-            from lorasweep.validate import check_spec
+            from lorasweep.run.preflight import check_spec
 
             for note in check_spec(spec):
                 if not quiet:
@@ -454,8 +454,8 @@ def estimate_peaks(trials: list[Trial]) -> dict[str, float]:
     report can set it against the measured peak. One estimate call per configuration group
     (all ranks at once); variants the estimator does not model (AdaLoRA, rank patterns) and any
     failure are skipped: an estimate is extra information, never a reason to stop."""
-    from lorasweep.estimate import estimate
-    from lorasweep.models import pick_device
+    from lorasweep.tools.estimate import estimate
+    from lorasweep.training.models import pick_device
 
     device = pick_device()
     groups: dict[str, list[Trial]] = {}
@@ -510,7 +510,7 @@ def _prepare_data(
     de-duplication dropped before the split."""
     import datasets
 
-    from lorasweep import data, models
+    from lorasweep.training import data, models
 
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()  # "Map: 100%" bars would fill a CI log
@@ -546,7 +546,7 @@ def _adapter_path(run_dir: Path, stored: str) -> Path:
 
 def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
     """Build run_dir/report.html from the store (stats, plots, spectra)."""
-    from lorasweep.report import build_report
+    from lorasweep.analysis.report import build_report
 
     run_dir = Path(run_dir)
     with open_store(run_dir) as store:
@@ -562,8 +562,8 @@ def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
         return None  # nothing measured yet: `lorasweep status` shows the failures
     sections = []
     if meta.get("prune"):
-        from lorasweep.prune import pruning_section_html, pruning_summary
-        from lorasweep.stats import analyze, group_label
+        from lorasweep.analysis.stats import analyze, group_label
+        from lorasweep.run.pruning import pruning_section_html, pruning_summary
 
         rec = analyze(trials, **kwargs.get("analysis_kwargs", {}) or {}).get("recommended")
         html = pruning_section_html(
@@ -572,8 +572,8 @@ def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
         sections.append({"title": "Pruning", "html": html})
     if adapters:
         try:
-            from lorasweep.spectrum import spectrum_section_html
-            from lorasweep.verify import verify_report_info
+            from lorasweep.tools.spectrum import spectrum_section_html
+            from lorasweep.tools.spectrum_verify import verify_report_info
 
             existing = {k: v for k, v in adapters.items() if v.exists()}
             if existing:

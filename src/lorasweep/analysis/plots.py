@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
-from lorasweep import stats  # noqa: E402
+from lorasweep.analysis import stats  # noqa: E402
 
 GIB = 1024**3
 DEFAULT_GPU_LIMITS_GB = (24, 40, 80)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from lorasweep.backends import RunContext
-from lorasweep.results import Trial, TrialResult
+from lorasweep.records import Trial, TrialResult
+from lorasweep.run.backends import RunContext
 
 
 class InProcessBackend:
     def run(self, trials: list[Trial], ctx: RunContext) -> Iterator[TrialResult]:
-        from lorasweep.trial import train_trial
+        from lorasweep.training.trial import train_trial
 
         for trial in trials:
             ctx.on_start(trial)

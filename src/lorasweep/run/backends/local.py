@@ -26,11 +26,11 @@ from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from lorasweep.backends import RunContext
-from lorasweep.results import Trial, TrialResult, TrialStatus
+from lorasweep.records import Trial, TrialResult, TrialStatus
+from lorasweep.run.backends import RunContext
 
 # the guard first: it ties the server's life to the sweep's before the slow imports start
-_PRELOAD = ["lorasweep.backends._forkserver_guard", "lorasweep.trial"]
+_PRELOAD = ["lorasweep.run.backends._forkserver_guard", "lorasweep.training.trial"]
 _SWEEP_PID_ENV = "LORASWEEP_SWEEP_PID"  # read by _forkserver_guard (never import it here: it
 # arms a death signal in whatever process imports it)
 _PROGRESS_EVERY = 0.5  # seconds between progress messages from a child
@@ -107,7 +107,7 @@ def _child(
             conn.send(("progress", tid, step, total))
 
     try:
-        from lorasweep.trial import train_trial
+        from lorasweep.training.trial import train_trial
 
         trial = Trial.from_dict(trial_dict)
         result = train_trial(

@@ -31,7 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from lorasweep.targets import build_meta_model, linear_module_names, resolve_targets
+from lorasweep.training.targets import build_meta_model, linear_module_names, resolve_targets
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 GiB = 1024**3

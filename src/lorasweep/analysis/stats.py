@@ -19,9 +19,9 @@ import pandas as pd
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from lorasweep import advice
-from lorasweep.advice import _key_value, _py, fmt_num, group_label
-from lorasweep.results import HIGHER_IS_BETTER
+from lorasweep.analysis import explain as advice
+from lorasweep.analysis.explain import _key_value, _py, fmt_num, group_label
+from lorasweep.records import HIGHER_IS_BETTER
 
 __all__ = [
     "analyze",

@@ -28,11 +28,11 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from lorasweep import data as data_mod
-from lorasweep import models, tracking
-from lorasweep.measure import Monitor, environment
-from lorasweep.results import Trial, TrialResult, TrialStatus, eval_curve
+from lorasweep.records import Trial, TrialResult, TrialStatus, eval_curve
 from lorasweep.spec import adalora_schedule, planned_steps
+from lorasweep.training import data as data_mod
+from lorasweep.training import models, tracking
+from lorasweep.training.measure import Monitor, environment
 
 if "TRANSFORMERS_VERBOSITY" not in os.environ:
     # the expected "classifier weights newly initialized" load report would bury the progress
@@ -177,7 +177,7 @@ class _CountingCollator:
 def _targets(model: Any, targets: Any) -> Any:
     if targets is None:
         return None  # peft's default for the architecture
-    from lorasweep.targets import resolve_targets
+    from lorasweep.training.targets import resolve_targets
 
     return resolve_targets(model, targets).target_modules
 
@@ -212,7 +212,7 @@ def build_peft_config(model: Any, ad: dict[str, Any], task: str, total_steps: in
     target_modules = _targets(model, ad["target_modules"])
     rank_pattern, alpha_pattern = ad.get("rank_pattern"), ad.get("alpha_pattern")
     if rank_pattern:
-        from lorasweep.targets import rank_pattern_for_groups
+        from lorasweep.training.targets import rank_pattern_for_groups
 
         target_modules, rank_pattern, alpha_pattern = rank_pattern_for_groups(
             model, rank_pattern, alpha_pattern
@@ -264,7 +264,7 @@ def lora_scales(model: Any) -> dict[str, float]:
     from peft.tuners.adalora import AdaLoraLayer
     from peft.tuners.lora import LoraLayer
 
-    from lorasweep.targets import _short_name
+    from lorasweep.training.targets import _short_name
 
     scales: dict[str, float] = {}
     for name, module in model.base_model.model.named_modules():
@@ -306,7 +306,7 @@ def _classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str,
 @torch.no_grad()
 def _causal_eval(trainer: Trainer, eval_ds: Any) -> dict[str, float]:
     """Perplexity = exp(total NLL / total target tokens) over the whole eval set."""
-    from lorasweep.formats import causal_lm_metrics, token_nll_sum
+    from lorasweep.training.formats import causal_lm_metrics, token_nll_sum
 
     model = trainer.model
     model.eval()
@@ -463,7 +463,7 @@ def _run(
     if task == "classification":
         inner = DataCollatorWithPadding(tokenizer)
     else:
-        from lorasweep.formats import CausalCollator
+        from lorasweep.training.formats import CausalCollator
 
         inner = CausalCollator(tokenizer)
     collator = _CountingCollator(inner)
@@ -566,7 +566,7 @@ def _run(
 def _spectrum_summary(adapter_dir: Path, result: TrialResult) -> None:
     """Effective rank of the trained adapter (issue 5); never fails the trial."""
     try:
-        from lorasweep.spectrum import adapter_spectrum
+        from lorasweep.tools.spectrum import adapter_spectrum
 
         spec = adapter_spectrum(adapter_dir)
     except Exception as e:  # noqa: BLE001 - analysis is extra information

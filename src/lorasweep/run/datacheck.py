@@ -18,7 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from lorasweep.data import (
+from lorasweep.records import canonical_json
+from lorasweep.training.data import (
     CHUNK_BYTES,
     LOCAL_SUFFIXES,
     DataError,
@@ -29,7 +30,6 @@ from lorasweep.data import (
     row_key,
     source_fingerprint,
 )
-from lorasweep.results import canonical_json
 
 _CHECK_BATCH_ROWS = 10_000  # rows per batch when check_rows reads a file
 

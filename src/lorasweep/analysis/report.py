@@ -21,7 +21,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from lorasweep import plots, stats
+from lorasweep.analysis import plots, stats
 
 # Columns of the "all metrics" table, in order, with their kind of unit.
 SUMMARY_METRICS: dict[str, tuple[str, str]] = {

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lorasweep.results import canonical_json
+from lorasweep.records import canonical_json
 
 BUILTIN_DATASETS = (
     "builtin:rotten-tomatoes",
@@ -207,7 +207,7 @@ def load_raw(dspec: dict[str, Any], task: str) -> tuple[Any, Any | None]:
         docs = [p.read_text(encoding="utf-8", errors="replace") for p in shakespeare_files()]
         return datasets.Dataset.from_dict({"text": docs}), None
     if source == "builtin:shakespeare-instruct":
-        from lorasweep.formats import build_shakespeare_instructions
+        from lorasweep.training.formats import build_shakespeare_instructions
 
         # Built already split, so that max_train_examples and max_eval_examples are both met
         # exactly (a fraction carved from train+eval rows would leave the eval set short). The
@@ -376,7 +376,7 @@ def prepare(
     if task == "classification":
         train_t, eval_t, info = tokenize_classification(train, evalset, tokenizer, dspec)
     else:
-        from lorasweep.formats import tokenize_causal
+        from lorasweep.training.formats import tokenize_causal
 
         fmt = format_spec(dspec)
         train_t, tr_stats = tokenize_causal(train, tokenizer, fmt, dspec["max_length"])
@@ -413,7 +413,7 @@ def _limit(ds: Any, n: int | None, seed: int) -> Any:
 
 
 def format_spec(dspec: dict[str, Any]) -> Any:
-    from lorasweep.formats import FormatSpec
+    from lorasweep.training.formats import FormatSpec
 
     renames = dict(dspec.get("columns") or {})
     unknown = sorted(set(renames) - set(COLUMN_KEYS))
@@ -434,6 +434,6 @@ def format_spec(dspec: dict[str, Any]) -> Any:
 def _needed_columns(dspec: dict[str, Any], task: str) -> list[str]:
     if task == "classification":
         return [dspec["text_column"], dspec["label_column"]]
-    from lorasweep.formats import required_columns
+    from lorasweep.training.formats import required_columns
 
     return required_columns(format_spec(dspec))

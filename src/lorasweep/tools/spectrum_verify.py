@@ -78,8 +78,8 @@ def _pilot_trial(run_dir: Path, adapter_dir: Path) -> dict[str, Any] | None:
 
 
 def _meta_model(spec: SweepSpec) -> Any:
-    from lorasweep import models
-    from lorasweep.targets import build_meta_model
+    from lorasweep.training import models
+    from lorasweep.training.targets import build_meta_model
 
     return build_meta_model(models.load_config(spec.model), spec.task, num_labels=2)
 
@@ -87,7 +87,7 @@ def _meta_model(spec: SweepSpec) -> Any:
 def _selects(meta: Any, keys: Mapping[str, int]) -> dict[str, int] | None:
     """Module -> rank that the spec's rank_pattern ``keys`` gives (None if a key matches
     nothing), with the precedence of ``targets.rank_pattern_for_groups``."""
-    from lorasweep.targets import _partition
+    from lorasweep.training.targets import _partition
 
     try:
         return {n: int(r) for n, r in _partition(meta, dict(keys)).items()}
@@ -108,8 +108,8 @@ def spec_rank_pattern(
     suffix of each module type (suffixes that match more than their type go first, so the exact
     ones after them win), and the full module names, which always work.
     """
-    from lorasweep.spectrum import _module_type
-    from lorasweep.targets import _suffix_matches, linear_module_names
+    from lorasweep.tools.spectrum import _module_type
+    from lorasweep.training.targets import _suffix_matches, linear_module_names
 
     intended = {n: int(r) for n, r in intended.items()}
     candidates: list[dict[str, int]] = []
@@ -142,7 +142,7 @@ def spec_rank_pattern(
 
 def _targets_of(meta: Any, adapter: Mapping[str, Any]) -> set[str] | None:
     """Modules a (merged) variant targets; None when it cannot be told (AdaLoRA defaults...)."""
-    from lorasweep.targets import resolve_targets
+    from lorasweep.training.targets import resolve_targets
 
     if adapter.get("rank_pattern"):
         got = _selects(meta, adapter["rank_pattern"])
@@ -203,7 +203,7 @@ def build_verify_spec(
     base_own = _plain(variants[base_name])
     base = merge_adapter(spec.lora, AdapterSpec.model_validate(base_own))
     meta = _meta_model(spec)
-    from lorasweep.targets import linear_module_names
+    from lorasweep.training.targets import linear_module_names
 
     linear = set(linear_module_names(meta))
     key = "group_ranks" if by == "group" else "type_ranks"
@@ -296,7 +296,7 @@ def verify_suggestion(
         ValueError: the run folder has no spec, or the new spec would change existing trial ids.
         SpecError: the extended spec does not validate.
     """
-    from lorasweep.spectrum import analyze_adapter
+    from lorasweep.tools.spectrum import analyze_adapter
 
     run_dir, adapter_dir = Path(run_dir), Path(adapter_dir)
     analysis = analyze_adapter(adapter_dir, energy=energy, by=by, power_of_two=power_of_two)
@@ -342,7 +342,7 @@ def verify_suggestion(
         "reused_trial_ids": [t.id for t in planned if t.id in stored],
     }
     if run:
-        from lorasweep.sweep import run_sweep
+        from lorasweep.run.sweep import run_sweep
 
         outcome = run_sweep(new_spec, run_dir, backend=backend, quiet=quiet)
         out["outcome"] = {

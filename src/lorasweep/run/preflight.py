@@ -108,7 +108,8 @@ def check_training(training: dict[str, Any], key: str, fields: dict[str, Any]) -
 
 
 def check_dataset(spec: SweepSpec) -> list[str]:
-    from lorasweep import data, datacheck
+    from lorasweep.run import datacheck
+    from lorasweep.training import data
 
     d = spec.dataset
     src = d.source
@@ -138,8 +139,8 @@ def check_dataset(spec: SweepSpec) -> list[str]:
     if spec.task == "classification":
         needed = {"dataset.text_column": d.text_column, "dataset.label_column": d.label_column}
     else:
-        from lorasweep.data import format_spec
-        from lorasweep.formats import required_columns
+        from lorasweep.training.data import format_spec
+        from lorasweep.training.formats import required_columns
 
         req = required_columns(format_spec(d.model_dump()))
         needed = {f"dataset.columns ({d.format})": c for c in req}
@@ -158,7 +159,7 @@ def check_dataset(spec: SweepSpec) -> list[str]:
 def head_notes(spec: SweepSpec, config: Any) -> list[str]:
     """A classification checkpoint whose head has another number of classes than the data:
     the head is re-initialized (not an error, but the user should know)."""
-    from lorasweep import datacheck
+    from lorasweep.run import datacheck
 
     archs = getattr(config, "architectures", None) or []
     if spec.task != "classification" or not any("SequenceClassification" in a for a in archs):
@@ -175,13 +176,17 @@ def head_notes(spec: SweepSpec, config: Any) -> list[str]:
 def check_model(spec: SweepSpec, device: str = "cpu") -> list[str]:
     """Model reference, its files, and every variant's target modules / rank pattern /
     quantization on the meta device."""
-    from lorasweep import models
+    from lorasweep.training import models
 
     try:
         config = models.load_config(spec.model)
     except (models.ModelError, ValueError, OSError) as e:
         return [str(e).splitlines()[0]]
-    from lorasweep.targets import build_meta_model, rank_pattern_for_groups, resolve_targets
+    from lorasweep.training.targets import (
+        build_meta_model,
+        rank_pattern_for_groups,
+        resolve_targets,
+    )
 
     try:
         meta = build_meta_model(config, spec.task, num_labels=2)
@@ -257,7 +262,7 @@ def check_cpu_4bit(meta: Any, spec: SweepSpec, key: str) -> list[str]:
     of its block (64); found on the meta model instead of deep inside every trial's forward."""
     import torch
 
-    from lorasweep.models import QUANT_BLOCK, quant_skip_modules
+    from lorasweep.training.models import QUANT_BLOCK, quant_skip_modules
 
     skip = quant_skip_modules(spec.task)
     for name, module in meta.named_modules():
@@ -297,18 +302,18 @@ def check_spec(spec: SweepSpec, *, device: str | None = None) -> list[str]:
     """Raise SpecError with every problem found; when the spec can run, return the notes the
     user should read before it does (one line each)."""
     if device is None:
-        from lorasweep.models import pick_device
+        from lorasweep.training.models import pick_device
 
         device = pick_device()
     errors = check_training(spec.training, "training", _training_fields())
     errors += check_dataset(spec)
     errors += check_variants(spec, device)
     errors += check_model(spec, device)
-    from lorasweep.tracking import check_tracking
+    from lorasweep.training.tracking import check_tracking
 
     errors += check_tracking(spec.report_to)
     if errors:
         raise SpecError(errors)
-    from lorasweep import models
+    from lorasweep.training import models
 
     return head_notes(spec, models.load_config(spec.model))

@@ -33,10 +33,10 @@ import numpy as np
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from lorasweep.advice import group_label
-from lorasweep.results import TrialResult, eval_curve  # noqa: F401 - re-exported
+from lorasweep.analysis.explain import group_label
+from lorasweep.analysis.stats import ALPHA, MIN_PAIRS
+from lorasweep.records import TrialResult, eval_curve  # noqa: F401 - re-exported
 from lorasweep.spec import planned_steps  # noqa: F401 - re-exported
-from lorasweep.stats import ALPHA, MIN_PAIRS
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ def starter_spec(model: str, task: str | None = None) -> str:
         StarterError: ``task`` is None and the model's config does not tell the task, or
             ``task`` is not one of classification, causal-lm.
     """
-    from lorasweep.models import ModelError, load_config
+    from lorasweep.training.models import ModelError, load_config
 
     if task is not None and task not in TASKS:
         raise StarterError(f"task: {task!r} is not one of {', '.join(TASKS)}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from lorasweep.results import Trial, TrialResult
+from lorasweep.records import Trial, TrialResult
 
 
 @dataclass
@@ -46,15 +46,15 @@ class Backend(Protocol):
 
 def get_backend(name: str, *, jobs: int = 1, address: str | None = None) -> Backend:
     if name == "inprocess":
-        from lorasweep.backends.inprocess import InProcessBackend
+        from lorasweep.run.backends.inprocess import InProcessBackend
 
         return InProcessBackend()
     if name == "local":
-        from lorasweep.backends.local import LocalBackend
+        from lorasweep.run.backends.local import LocalBackend
 
         return LocalBackend(jobs=jobs)
     if name == "ray":
-        from lorasweep.backends.ray import RayBackend
+        from lorasweep.run.backends.ray import RayBackend
 
         return RayBackend(address=address, jobs=jobs)
     raise ValueError(f"--backend: unknown backend {name!r}; choose inprocess, local or ray")

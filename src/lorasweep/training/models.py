@@ -101,7 +101,7 @@ def load_config(ref: str) -> Any:
         cached = cache_dir() / "smollm2-135m" / "config.json"
         if cached.exists():
             return AutoConfig.from_pretrained(cached.parent)
-        from lorasweep.estimate import load_model_config  # ships SmolLM2's config.json
+        from lorasweep.tools.estimate import load_model_config  # ships SmolLM2's config.json
 
         return load_model_config(ref)
     path = resolve_model(ref, materialize=False)

@@ -25,8 +25,8 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
-from lorasweep.backends import RunContext
-from lorasweep.results import Trial, TrialResult, TrialStatus
+from lorasweep.records import Trial, TrialResult, TrialStatus
+from lorasweep.run.backends import RunContext
 
 # environment passed to every task: offline switches and caches must hold on remote nodes too
 _FORWARD_ENV = (
@@ -64,7 +64,7 @@ def _ray_trial(
         import torch
 
         torch.set_num_threads(int(context["threads"]))
-    from lorasweep.trial import train_trial
+    from lorasweep.training.trial import train_trial
 
     trial = Trial.from_dict(trial_dict)
     result = train_trial(trial, workdir, cache_root=cache_root, context=context)

@@ -1,0 +1,1 @@
+"""Statistics, explanations, plots and the report over stored trials. Never imports torch."""
