@@ -176,7 +176,7 @@ def test_dead_worker_classification():
 def test_worker_sigkill_mid_trial_is_rerun_on_resume(
     tiny_bert_dir, tiny_csv, tmp_path, monkeypatch
 ):
-    import lorasweep.run.sweep as sweep_mod
+    import lorasweep.run.progress as progress_mod
 
     spec = _spec(
         tiny_bert_dir,
@@ -186,7 +186,7 @@ def test_worker_sigkill_mid_trial_is_rerun_on_resume(
     )
     run = tmp_path / "run"
     killed: dict[str, int] = {}
-    real_progress = sweep_mod.Progress.progress
+    real_progress = progress_mod.Progress.progress
 
     def progress(self, trial_id, step, total):  # noqa: ANN001
         real_progress(self, trial_id, step, total)
@@ -200,7 +200,7 @@ def test_worker_sigkill_mid_trial_is_rerun_on_resume(
                 killed[trial_id] = worker.pid
                 os.kill(worker.pid, signal.SIGKILL)
 
-    monkeypatch.setattr(sweep_mod.Progress, "progress", progress)
+    monkeypatch.setattr(progress_mod.Progress, "progress", progress)
     out = run_sweep(spec, run, backend="local", quiet=True, report=False)
     assert len(killed) == 1, "the kill hook never fired"
     (victim,) = killed
@@ -212,7 +212,7 @@ def test_worker_sigkill_mid_trial_is_rerun_on_resume(
     assert not psutil.pid_exists(killed[victim])
     (other,) = set(before) - {victim}
 
-    monkeypatch.setattr(sweep_mod.Progress, "progress", real_progress)
+    monkeypatch.setattr(progress_mod.Progress, "progress", real_progress)
     out = run_sweep(spec, run, backend="local", quiet=True, report=False)  # a plain resume
     assert out.ran == 1 and out.skipped == 1 and out.statuses == {"complete": 2}
     with open_store(run) as store:

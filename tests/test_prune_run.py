@@ -93,11 +93,11 @@ def test_paused_and_resumed_trial_equals_unpaused(tiny_bert_dir, tiny_csv, tmp_p
 def _run_interrupted(spec: dict, out: Path, *, after: int, prune) -> None:
     """Run a sweep in-process and stop it with Ctrl-C (KeyboardInterrupt) right after its
     ``after``-th result is recorded, as a user would."""
-    from lorasweep.run import sweep as sweep_mod
+    from lorasweep.run import progress as progress_mod
     from lorasweep.run.sweep import run_sweep
 
     calls = {"n": 0}
-    finish = sweep_mod.Progress.finish
+    finish = progress_mod.Progress.finish
 
     def interrupting_finish(self, result):
         finish(self, result)
@@ -106,7 +106,7 @@ def _run_interrupted(spec: dict, out: Path, *, after: int, prune) -> None:
             raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sweep_mod.Progress, "finish", interrupting_finish)
+        mp.setattr(progress_mod.Progress, "finish", interrupting_finish)
         with pytest.raises(KeyboardInterrupt):
             run_sweep(spec, out, backend="inprocess", quiet=True, prune=prune)
 

@@ -17,8 +17,9 @@ The rule, at each rung:
 
 So a rung never drops more than plain successive halving would, and usually less.
 
-Also here, for the orchestration in ``sweep.py`` (still no torch): ``PruneSettings`` and
-``merge_segments`` (one trial's result from the segments it ran between rungs). The two helpers
+Also here, the orchestration (still no torch): ``PruneSettings``, ``merge_segments`` (one
+trial's result from the segments it ran between rungs) and ``run_pruned``, the rung loop that
+``run.sweep`` calls with its runner. The two helpers
 a trial needs, ``spec.planned_steps`` and ``results.eval_curve``, live in import-light modules so
 that a worker does not import scipy/statsmodels for them.
 """
@@ -26,7 +27,8 @@ that a worker does not import scipy/statsmodels for them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,7 +37,7 @@ from statsmodels.stats.multitest import multipletests
 
 from lorasweep.analysis.explain import group_label
 from lorasweep.analysis.stats import ALPHA, MIN_PAIRS
-from lorasweep.records import TrialResult, eval_curve  # noqa: F401 - re-exported
+from lorasweep.records import HIGHER_IS_BETTER, Trial, TrialResult, eval_curve
 from lorasweep.spec import planned_steps  # noqa: F401 - re-exported
 
 
@@ -268,6 +270,135 @@ def decide_rung(
 
 # ------------------------------------------------------------------------------------------
 # what pruning saved: numbers for the report and the command line
+
+
+# ------------------------------------------------------------------------------------------
+# the rung loop (parent process): run every surviving trial to each rung, decide, drop
+
+
+def check_prune_settings(
+    state: dict[str, Any] | None, settings: PruneSettings, total: int | None = None
+) -> None:
+    """A pruned run folder resumes only with the settings its decisions were made with."""
+    if state and (
+        state["settings"] != settings.to_dict()
+        or (total is not None and state["total_steps"] != total)
+    ):
+        raise ValueError(
+            f"--prune: this run folder was pruned with {state['settings']} over "
+            f"{state['total_steps']} steps; resume it with the same settings"
+        )
+
+
+def run_pruned(
+    runner: Any,
+    trials: list[Trial],
+    settings: PruneSettings,
+    n_train: int,
+    task: str,
+    retry: set[str],
+) -> int:
+    """Successive halving: run every surviving trial to each rung, decide, drop, go on.
+
+    Decisions are stored in ``meta["prune"]`` as they are made, so a resumed sweep applies
+    them again and never decides a rung twice (or differently).
+    """
+    store = runner.store
+    steps = {planned_steps(t.config.get("training") or {}, n_train) for t in trials}
+    if len(steps) > 1:
+        raise ValueError(
+            f"--prune: the trials plan different numbers of steps ({sorted(steps)}); "
+            "rungs compare configurations at the same step, so give every variant the same "
+            "max_steps"
+        )
+    total = steps.pop()
+    rungs = rung_steps(total, eta=settings.eta, min_steps=settings.min_steps)
+    metric = settings.metric_for(task)
+    state = store.meta().get("prune")
+    check_prune_settings(state, settings, total)
+    if not state:
+        state = {
+            "settings": settings.to_dict(),
+            "metric": metric,
+            "direction": "higher" if HIGHER_IS_BETTER[metric] else "lower",
+            "total_steps": total,
+            "rungs": rungs,
+            "decisions": [],
+        }
+        store.set_meta(prune=state)
+    config = {t.id: group_label({"variant": t.variant, "rank": t.rank}) for t in trials}
+    if len(set(config.values())) < 2:
+        runner.note("--prune: one configuration, nothing to compare; its trials run to the end")
+    elif not rungs:
+        runner.note(f"--prune: {total} steps leave no rung of >= {settings.min_steps} steps "
+                    f"(eta {settings.eta}); every trial runs to the end")  # fmt: skip
+    ran = 0
+    for i, step in enumerate([*rungs, total]):
+        dropped = {c: d for d in state["decisions"] if d["step"] < step for c in d["drop"]}
+        rows = {t["id"]: t for t in store.trials()}
+
+        def runnable(t: Trial, rows: dict = rows) -> bool:
+            st = rows[t.id]["status"]
+            return st in ("pending", "running") or st in retry
+
+        for t in trials:
+            if config[t.id] in dropped and runnable(t):
+                d = dropped[config[t.id]]
+                why = d["reasons"][config[t.id]].removeprefix("dropped: ")
+                store.mark_pruned(t.id, f"pruned at step {d['step']}: {why}")
+                shutil.rmtree(runner.out / "trials" / t.id / "checkpoints", ignore_errors=True)
+        alive = [t for t in trials if config[t.id] not in dropped and runnable(t)]
+        if step < total and len(set(config.values()) - set(dropped)) < 2:
+            continue  # one configuration left: nothing to compare, so no more rungs to pay for
+        need = [t for t in alive if runner.paused(rows[t.id])[0] < step]
+        if need:
+            where = f"rung {i + 1}/{len(rungs)}: to step {step}" if step < total else (
+                f"final: to step {total}")  # fmt: skip
+            runner.note(f"-- {where}, {len(need)} trial(s)")
+            segments = {
+                t.id: {
+                    "stop_at": step if step < total else None,
+                    "resume_from": runner.paused(rows[t.id])[1],
+                    "eval_examples": settings.eval_examples,
+                }
+                for t in need
+            }
+            ran += runner.run(need, segments)
+        if step == total or any(d["step"] == step for d in state["decisions"]):
+            continue
+        values: dict[str, dict[int, float]] = {}
+        waiting = 0
+        rows = {t["id"]: t for t in store.trials()}
+        for t in trials:
+            if config[t.id] in dropped:
+                continue
+            st = rows[t.id]["status"]
+            if st in ("pending", "running"):
+                if runner.paused(rows[t.id])[0] != step:
+                    waiting += 1
+                    continue
+                curve = dict(map(tuple, store.curves_of(t.id).get(eval_curve(metric), [])))
+                values.setdefault(config[t.id], {})[t.seed] = float(curve[float(step)])
+            elif st == "diverged":  # counts as the worst value (see decide_rung)
+                values.setdefault(config[t.id], {})[t.seed] = math.nan
+        if waiting:
+            runner.note(f"--prune: {waiting} trial(s) did not reach step {step} (interrupted); "
+                        "run again to resume and decide this rung")  # fmt: skip
+            return ran
+        if not values:
+            continue
+        dec = decide_rung(values, step, higher_is_better=HIGHER_IS_BETTER[metric],
+                          eta=settings.eta, alpha=settings.alpha,
+                          tolerance=settings.tolerance)  # fmt: skip
+        means = {c: float(sum(v.values()) / len(v)) for c, v in values.items()}
+        state["decisions"].append({**asdict(dec), "means": means,
+                                   "seeds": {c: len(v) for c, v in values.items()}})  # fmt: skip
+        store.set_meta(prune=state)
+        runner.note(
+            f"-- rung at step {step}: best {dec.best} ({metric} {means[dec.best]:.4g}); "
+            + (f"dropped {', '.join(dec.drop)}" if dec.drop else "nothing dropped")
+        )
+    return ran
 
 
 def pruning_summary(state: dict[str, Any], trials: Any) -> dict[str, Any]:

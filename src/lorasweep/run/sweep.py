@@ -7,26 +7,24 @@ running; they are re-run on resume, and finished trials are never run twice.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import yaml
 
-from lorasweep.analysis.explain import group_label
-from lorasweep.records import HIGHER_IS_BETTER, Trial, TrialResult, TrialStatus, eval_curve
+from lorasweep.records import Trial, TrialResult, TrialStatus
 from lorasweep.run.backends import RunContext, get_backend
-from lorasweep.run.pruning import PruneSettings, decide_rung, merge_segments, rung_steps
+from lorasweep.run.estimates import estimate_peaks
+from lorasweep.run.progress import Progress
+from lorasweep.run.pruning import PruneSettings, check_prune_settings, merge_segments, run_pruned
 from lorasweep.run.rundir import check_out_path, check_same_settings, claim
-from lorasweep.spec import SweepSpec, parse_spec, planned_steps
+from lorasweep.spec import SweepSpec, parse_spec
 from lorasweep.store import open_store
-from lorasweep.training.data import source_fingerprint
+from lorasweep.training.data import prepare_for_sweep, source_fingerprint
 
 RETRYABLE = {"failed": TrialStatus.FAILED, "oom": TrialStatus.OOM}
 
@@ -39,74 +37,6 @@ class SweepOutcome:
     skipped: int
     statuses: dict[str, int] = field(default_factory=dict)
     report: Path | None = None
-
-
-class Progress:
-    """A live one-line display on a terminal; one line per trial event otherwise."""
-
-    def __init__(self, total: int, jobs: int, stream: TextIO | None = None, quiet: bool = False):
-        self.total, self.jobs = total, max(1, jobs)
-        self.stream = stream or sys.stderr
-        self.quiet = quiet
-        self.tty = self.stream.isatty()
-        self.done = 0
-        self.durations: list[float] = []
-        self.running: dict[str, tuple[Trial, float, int, int]] = {}
-        self.t0 = time.monotonic()
-
-    def _eta(self) -> str:
-        if not self.durations:
-            return "ETA -"
-        mean = sum(self.durations) / len(self.durations)
-        left = self.total - self.done
-        elapsed_running = sum(time.monotonic() - t0 for _, t0, _, _ in self.running.values())
-        secs = max(0.0, (left * mean - elapsed_running) / self.jobs)
-        return f"ETA {_fmt_secs(secs)}"
-
-    def _line(self, text: str, final: bool = False) -> None:
-        if self.quiet:
-            return
-        if self.tty:
-            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
-        elif final:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def start(self, trial: Trial) -> None:
-        self.running[trial.id] = (trial, time.monotonic(), 0, 0)
-        if not self.tty:
-            self._line(f"[{self.done + 1}/{self.total}] start {trial.label} ({trial.id})", True)
-
-    def progress(self, trial_id: str, step: int, total: int) -> None:
-        if trial_id not in self.running:
-            return
-        trial, t0, _, _ = self.running[trial_id]
-        self.running[trial_id] = (trial, t0, step, total)
-        parts = [f"{t.label} step {s}/{n}" for t, _, s, n in self.running.values()]
-        self._line(f"[{self.done}/{self.total} done] " + " | ".join(parts) + f" | {self._eta()}")
-
-    def finish(self, result: TrialResult) -> None:
-        trial, t0, _, _ = self.running.pop(result.trial_id, (None, time.monotonic(), 0, 0))
-        self.done += 1
-        self.durations.append(time.monotonic() - t0)
-        m = result.metrics
-        shown = ", ".join(f"{k}={m[k]:.4g}" for k in ("accuracy", "f1", "perplexity") if k in m)
-        label = trial.label if trial else result.trial_id
-        err = f" ({(result.error or '').splitlines()[-1][:120]})" if result.error else ""
-        paused = result.artifacts.get("paused")
-        status = f"paused@{paused['step']}" if paused else result.status.value
-        if result.status == TrialStatus.PENDING and not paused:
-            status = "interrupted"
-        self._line(
-            f"[{self.done}/{self.total}] {status:8s} {label} "
-            f"{shown}{err} in {_fmt_secs(self.durations[-1])} | {self._eta()}",
-            True,
-        )
-
-
-def _fmt_secs(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def load_spec(source: str | Path | dict[str, Any]) -> SweepSpec:
@@ -219,7 +149,7 @@ def _run_claimed(
             source=spec.dataset.source,
         )
         if settings:
-            _check_prune_settings(meta.get("prune"), settings)
+            check_prune_settings(meta.get("prune"), settings)
         store.set_meta(
             name=spec.name,
             task=spec.task,
@@ -233,13 +163,13 @@ def _run_claimed(
         todo, skipped = select_trials(store, trials, retry)
         ran = 0
         if todo:
-            n_train, dedup = _prepare_data(spec, out, fingerprint)
+            n_train, dedup = prepare_for_sweep(spec, out, fingerprint)
             store.set_meta(data_dedup=dedup)  # rows dropped before the split, for the record
             held.started()  # from here on the folder holds a sweep's work: never removed
             runner = _Runner(store, be, out, spec.name, jobs, quiet, estimate_peaks(todo),
                              fingerprint)  # fmt: skip
             if settings:
-                ran = _run_pruned(runner, trials, settings, n_train, spec.task, retry)
+                ran = run_pruned(runner, trials, settings, n_train, spec.task, retry)
             else:
                 rows = {r["id"]: r for r in store.trials()}
                 resume = {t.id: {"resume_from": runner.paused(rows[t.id])[1]} for t in todo}
@@ -324,218 +254,11 @@ class _Runner:
             shutil.rmtree(self.out / "trials" / tid / "checkpoints", ignore_errors=True)
 
 
-def _check_prune_settings(
-    state: dict[str, Any] | None, settings: PruneSettings, total: int | None = None
-) -> None:
-    """A pruned run folder resumes only with the settings its decisions were made with."""
-    if state and (
-        state["settings"] != settings.to_dict()
-        or (total is not None and state["total_steps"] != total)
-    ):
-        raise ValueError(
-            f"--prune: this run folder was pruned with {state['settings']} over "
-            f"{state['total_steps']} steps; resume it with the same settings"
-        )
-
-
-def _run_pruned(
-    runner: _Runner,
-    trials: list[Trial],
-    settings: PruneSettings,
-    n_train: int,
-    task: str,
-    retry: set[str],
-) -> int:
-    """Successive halving: run every surviving trial to each rung, decide, drop, go on.
-
-    Decisions are stored in ``meta["prune"]`` as they are made, so a resumed sweep applies
-    them again and never decides a rung twice (or differently).
-    """
-    store = runner.store
-    steps = {planned_steps(t.config.get("training") or {}, n_train) for t in trials}
-    if len(steps) > 1:
-        raise ValueError(
-            f"--prune: the trials plan different numbers of steps ({sorted(steps)}); "
-            "rungs compare configurations at the same step, so give every variant the same "
-            "max_steps"
-        )
-    total = steps.pop()
-    rungs = rung_steps(total, eta=settings.eta, min_steps=settings.min_steps)
-    metric = settings.metric_for(task)
-    state = store.meta().get("prune")
-    _check_prune_settings(state, settings, total)
-    if not state:
-        state = {
-            "settings": settings.to_dict(),
-            "metric": metric,
-            "direction": "higher" if HIGHER_IS_BETTER[metric] else "lower",
-            "total_steps": total,
-            "rungs": rungs,
-            "decisions": [],
-        }
-        store.set_meta(prune=state)
-    config = {t.id: group_label({"variant": t.variant, "rank": t.rank}) for t in trials}
-    if len(set(config.values())) < 2:
-        runner.note("--prune: one configuration, nothing to compare; its trials run to the end")
-    elif not rungs:
-        runner.note(f"--prune: {total} steps leave no rung of >= {settings.min_steps} steps "
-                    f"(eta {settings.eta}); every trial runs to the end")  # fmt: skip
-    ran = 0
-    for i, step in enumerate([*rungs, total]):
-        dropped = {c: d for d in state["decisions"] if d["step"] < step for c in d["drop"]}
-        rows = {t["id"]: t for t in store.trials()}
-
-        def runnable(t: Trial, rows: dict = rows) -> bool:
-            st = rows[t.id]["status"]
-            return st in ("pending", "running") or st in retry
-
-        for t in trials:
-            if config[t.id] in dropped and runnable(t):
-                d = dropped[config[t.id]]
-                why = d["reasons"][config[t.id]].removeprefix("dropped: ")
-                store.mark_pruned(t.id, f"pruned at step {d['step']}: {why}")
-                shutil.rmtree(runner.out / "trials" / t.id / "checkpoints", ignore_errors=True)
-        alive = [t for t in trials if config[t.id] not in dropped and runnable(t)]
-        if step < total and len(set(config.values()) - set(dropped)) < 2:
-            continue  # one configuration left: nothing to compare, so no more rungs to pay for
-        need = [t for t in alive if runner.paused(rows[t.id])[0] < step]
-        if need:
-            where = f"rung {i + 1}/{len(rungs)}: to step {step}" if step < total else (
-                f"final: to step {total}")  # fmt: skip
-            runner.note(f"-- {where}, {len(need)} trial(s)")
-            segments = {
-                t.id: {
-                    "stop_at": step if step < total else None,
-                    "resume_from": runner.paused(rows[t.id])[1],
-                    "eval_examples": settings.eval_examples,
-                }
-                for t in need
-            }
-            ran += runner.run(need, segments)
-        if step == total or any(d["step"] == step for d in state["decisions"]):
-            continue
-        values: dict[str, dict[int, float]] = {}
-        waiting = 0
-        rows = {t["id"]: t for t in store.trials()}
-        for t in trials:
-            if config[t.id] in dropped:
-                continue
-            st = rows[t.id]["status"]
-            if st in ("pending", "running"):
-                if runner.paused(rows[t.id])[0] != step:
-                    waiting += 1
-                    continue
-                curve = dict(map(tuple, store.curves_of(t.id).get(eval_curve(metric), [])))
-                values.setdefault(config[t.id], {})[t.seed] = float(curve[float(step)])
-            elif st == "diverged":  # counts as the worst value (see decide_rung)
-                values.setdefault(config[t.id], {})[t.seed] = math.nan
-        if waiting:
-            runner.note(f"--prune: {waiting} trial(s) did not reach step {step} (interrupted); "
-                        "run again to resume and decide this rung")  # fmt: skip
-            return ran
-        if not values:
-            continue
-        dec = decide_rung(values, step, higher_is_better=HIGHER_IS_BETTER[metric],
-                          eta=settings.eta, alpha=settings.alpha,
-                          tolerance=settings.tolerance)  # fmt: skip
-        means = {c: float(sum(v.values()) / len(v)) for c, v in values.items()}
-        state["decisions"].append({**asdict(dec), "means": means,
-                                   "seeds": {c: len(v) for c, v in values.items()}})  # fmt: skip
-        store.set_meta(prune=state)
-        runner.note(
-            f"-- rung at step {step}: best {dec.best} ({metric} {means[dec.best]:.4g}); "
-            + (f"dropped {', '.join(dec.drop)}" if dec.drop else "nothing dropped")
-        )
-    return ran
-
-
-def estimate_peaks(trials: list[Trial]) -> dict[str, float]:
-    """The estimator's predicted peak memory of each trial (meta device, no weights), so the
-    report can set it against the measured peak. One estimate call per configuration group
-    (all ranks at once); variants the estimator does not model (AdaLoRA, rank patterns) and any
-    failure are skipped: an estimate is extra information, never a reason to stop."""
-    from lorasweep.tools.estimate import estimate
-    from lorasweep.training.models import pick_device
-
-    device = pick_device()
-    groups: dict[str, list[Trial]] = {}
-    for t in trials:
-        ad = t.config["adapter"]
-        if ad["method"] == "adalora" or ad.get("rank_pattern"):
-            continue
-        key = json.dumps({**t.config, "adapter": {**ad, "r": None}}, sort_keys=True, default=str)
-        groups.setdefault(key, []).append(t)
-    out: dict[str, float] = {}
-    for members in groups.values():
-        cfg, ad = members[0].config, members[0].config["adapter"]
-        training = cfg.get("training") or {}
-        precision = ad.get("precision", "fp32")
-        try:
-            res = estimate(
-                cfg["model"],
-                ranks=sorted({t.config["adapter"]["r"] for t in members}),
-                targets=ad.get("target_modules") or "default",
-                variant="qlora" if ad.get("quantization") == "4bit" else ad["method"],
-                task=cfg["task"],
-                batch=int(training.get("per_device_train_batch_size", 8)),
-                seq=int(cfg["dataset"]["max_length"]),
-                dtype={"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[precision],
-                weights_dtype="fp32",
-                optimizer="adamw",
-                gradient_checkpointing=bool(training.get("gradient_checkpointing", False)),
-                device="cpu" if device != "cuda" else "cuda",
-                lora_dropout=float(ad.get("dropout") or 0.0),
-            )
-        except Exception:  # noqa: BLE001 - see docstring
-            continue
-        by_rank = {row["rank"]: float(row["total_bytes"]) for row in res.rows}
-        for t in members:
-            if t.config["adapter"]["r"] in by_rank:
-                out[t.id] = by_rank[t.config["adapter"]["r"]]
-    return out
-
-
 def _has_work(out: Path, trials: list[Trial], retry: set[str]) -> bool:
     if not (out / "lorasweep.db").exists():
         return True
     with open_store(out) as store:
         return bool(select_trials(store, trials, retry)[0])
-
-
-def _prepare_data(
-    spec: SweepSpec, out: Path, fingerprint: str | None = None
-) -> tuple[int, dict[str, int]]:
-    """Tokenize once in the parent, so trials (in any worker) only load the cached dataset.
-    Returns the number of training examples (rows of the tokenized train split) and the rows
-    de-duplication dropped before the split."""
-    import datasets
-
-    from lorasweep.training import data, models
-
-    if not sys.stderr.isatty():
-        datasets.disable_progress_bars()  # "Map: 100%" bars would fill a CI log
-    tok = models.load_tokenizer(spec.model)
-    train, _, info = data.prepare(
-        spec.dataset.model_dump(),
-        spec.task,
-        spec.model,
-        tok,
-        out / "cache",
-        fingerprint=fingerprint,
-    )
-    dedup = dict(info.get("dedup") or {})
-    words = [
-        f"{n} {what}"
-        for what, n in (
-            ("duplicate rows", dedup.get("train_duplicates_dropped")),
-            ("eval rows also in train", dedup.get("eval_in_train_dropped")),
-        )
-        if n
-    ]
-    if words:
-        print(f"lorasweep: note: dataset: dropped {' and '.join(words)} before the split, so "
-              "no text is in both train and eval", file=sys.stderr)  # fmt: skip
-    return len(train), dedup
 
 
 def _adapter_path(run_dir: Path, stored: str) -> Path:

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -437,3 +438,39 @@ def _needed_columns(dspec: dict[str, Any], task: str) -> list[str]:
     from lorasweep.training.formats import required_columns
 
     return required_columns(format_spec(dspec))
+
+
+def prepare_for_sweep(
+    spec: Any, out: Path, fingerprint: str | None = None
+) -> tuple[int, dict[str, int]]:
+    """Tokenize once in the parent, so trials (in any worker) only load the cached dataset.
+    Returns the number of training examples (rows of the tokenized train split) and the rows
+    de-duplication dropped before the split."""
+    import datasets
+
+    from lorasweep.training import models
+
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()  # "Map: 100%" bars would fill a CI log
+    tok = models.load_tokenizer(spec.model)
+    train, _, info = prepare(
+        spec.dataset.model_dump(),
+        spec.task,
+        spec.model,
+        tok,
+        out / "cache",
+        fingerprint=fingerprint,
+    )
+    dedup = dict(info.get("dedup") or {})
+    words = [
+        f"{n} {what}"
+        for what, n in (
+            ("duplicate rows", dedup.get("train_duplicates_dropped")),
+            ("eval rows also in train", dedup.get("eval_in_train_dropped")),
+        )
+        if n
+    ]
+    if words:
+        print(f"lorasweep: note: dataset: dropped {' and '.join(words)} before the split, so "
+              "no text is in both train and eval", file=sys.stderr)  # fmt: skip
+    return len(train), dedup
