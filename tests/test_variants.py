@@ -75,7 +75,7 @@ def reload_matches(tiny: dict, trial, result) -> None:
     from transformers import DataCollatorWithPadding
 
     from lorasweep.training import data
-    from lorasweep.training.trial import _classification_metrics
+    from lorasweep.training.evaluate import classification_metrics as _classification_metrics
 
     ad = trial.config["adapter"]
     tok = models.load_tokenizer(tiny["model"])

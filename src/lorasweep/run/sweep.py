@@ -99,7 +99,7 @@ def run_sweep(
     trials = spec.trials()
     be = get_backend(backend, jobs=jobs, address=address)
     try:
-        if hasattr(be, "warm_up") and _has_work(out, trials, set(retry)):
+        if _has_work(out, trials, set(retry)):
             be.warm_up()  # worker imports overlap the checks below
         if not validated:
             from lorasweep.run.preflight import check_spec
@@ -113,8 +113,7 @@ def run_sweep(
                 held, spec, trials, be, fingerprint, settings, set(retry), jobs, quiet
             )
     finally:
-        if hasattr(be, "close"):
-            be.close()
+        be.close()
     outcome = SweepOutcome(out, len(trials), ran, skipped, statuses)
     if report and (ran or not (out / "report.html").exists()):
         outcome.report = write_run_report(out)

@@ -87,10 +87,10 @@ def _meta_model(spec: SweepSpec) -> Any:
 def _selects(meta: Any, keys: Mapping[str, int]) -> dict[str, int] | None:
     """Module -> rank that the spec's rank_pattern ``keys`` gives (None if a key matches
     nothing), with the precedence of ``targets.rank_pattern_for_groups``."""
-    from lorasweep.training.targets import _partition
+    from lorasweep.training.targets import partition
 
     try:
-        return {n: int(r) for n, r in _partition(meta, dict(keys)).items()}
+        return {n: int(r) for n, r in partition(meta, dict(keys)).items()}
     except ValueError:
         return None
 
@@ -109,7 +109,7 @@ def spec_rank_pattern(
     ones after them win), and the full module names, which always work.
     """
     from lorasweep.tools.spectrum import _module_type
-    from lorasweep.training.targets import _suffix_matches, linear_module_names
+    from lorasweep.training.targets import suffix_matches, linear_module_names
 
     intended = {n: int(r) for n, r in intended.items()}
     candidates: list[dict[str, int]] = []
@@ -128,7 +128,7 @@ def spec_rank_pattern(
         parts = mtype.split(".")
         for k in range(1, len(parts) + 1):
             suffix = ".".join(parts[-k:])
-            if set(_suffix_matches(linear, suffix)) == set(members):
+            if set(suffix_matches(linear, suffix)) == set(members):
                 exact[suffix] = rank
                 break
         else:

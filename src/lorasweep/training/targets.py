@@ -144,11 +144,11 @@ def module_groups(model: nn.Module) -> dict[str, list[str]]:
     return groups
 
 
-def _suffix_matches(names: Iterable[str], suffix: str) -> list[str]:
+def suffix_matches(names: Iterable[str], suffix: str) -> list[str]:
     return [n for n in names if n == suffix or n.endswith("." + suffix)]
 
 
-def _short_name(name: str) -> str:
+def short_name(name: str) -> str:
     """The part of a module name after its last numeric component (its name inside a block)."""
     parts = name.split(".")
     idx = [i for i, p in enumerate(parts) if p.isdigit()]
@@ -194,7 +194,7 @@ def _select(model: nn.Module, targets: str | Sequence[str]) -> tuple[list[str], 
         elif t == "all-linear":
             chosen.update(linear)
         elif t == "default":
-            hits = [n for s in default_targets(model) for n in _suffix_matches(linear, s)]
+            hits = [n for s in default_targets(model) for n in suffix_matches(linear, s)]
             if not hits:
                 raise ValueError(
                     f"peft's default LoRA targets {default_targets(model)} match "
@@ -202,9 +202,9 @@ def _select(model: nn.Module, targets: str | Sequence[str]) -> tuple[list[str], 
                 )
             chosen.update(hits)
         else:
-            hits = _suffix_matches(linear, t)
+            hits = suffix_matches(linear, t)
             if not hits:
-                available = list(dict.fromkeys(_short_name(n) for n in linear))
+                available = list(dict.fromkeys(short_name(n) for n in linear))
                 more = ", ..." if len(available) > 8 else ""
                 raise ValueError(
                     f"LoRA target {t!r} matches no linear layer of {type(model).__name__}; "
@@ -246,7 +246,7 @@ def _plain_suffix(name: str, all_names: Sequence[str], selected: set[str]) -> st
         if parts[-k].isdigit():
             return None
         suffix = ".".join(parts[-k:])
-        if set(_suffix_matches(all_names, suffix)) <= selected:
+        if set(suffix_matches(all_names, suffix)) <= selected:
             return suffix
     return None
 
@@ -283,7 +283,7 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> ResolvedT
     return ResolvedTargets(compact_target_modules(selected, model), selected, requested)
 
 
-def _partition(model: nn.Module, values: dict[str, float]) -> dict[str, float]:
+def partition(model: nn.Module, values: dict[str, float]) -> dict[str, float]:
     """module name -> value. Precedence: all-linear < attention/mlp < explicit suffixes."""
 
     def order(key: str) -> int:
@@ -321,14 +321,14 @@ def rank_pattern_for_groups(
     """
     if not groups:
         raise ValueError("rank groups are empty")
-    ranks = _partition(model, groups)
+    ranks = partition(model, groups)
     order = [n for n in linear_module_names(model) if n in ranks]
     ranks = {n: ranks[n] for n in order}
     target_modules = compact_target_modules(order, model)
     rank_pattern = _patterns(model, ranks, int)
     alpha_pattern: dict[str, float] = {}
     if alpha_groups:
-        alphas = _partition(model, alpha_groups)
+        alphas = partition(model, alpha_groups)
         stray = [n for n in alphas if n not in ranks]
         if stray:
             raise ValueError(f"alpha given for layers that are not targeted, e.g. {stray[0]}")

@@ -9,10 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from lorasweep.records import Trial, TrialResult
-from lorasweep.run.backends import RunContext
+from lorasweep.run.backends.base import RunContext
 
 
 class InProcessBackend:
+    def warm_up(self) -> None:
+        """Nothing to start: trials import torch in this process on first use."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
     def run(self, trials: list[Trial], ctx: RunContext) -> Iterator[TrialResult]:
         from lorasweep.training.trial import train_trial
 

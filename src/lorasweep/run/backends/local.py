@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from lorasweep.records import Trial, TrialResult, TrialStatus
-from lorasweep.run.backends import RunContext
+from lorasweep.run.backends.base import RunContext
 
 # the guard first: it ties the server's life to the sweep's before the slow imports start
 _PRELOAD = ["lorasweep.run.backends._forkserver_guard", "lorasweep.training.trial"]
@@ -146,6 +146,10 @@ class LocalBackend:
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
+
+    def close(self) -> None:
+        """The forkserver is kept: a second sweep in this process (a notebook) starts its trials
+        without re-importing torch; it exits with the process."""
 
     def _slots(self) -> tuple[list[str | None], int | None]:
         gpus = _gpu_ids()

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from lorasweep.records import Trial, TrialResult, TrialStatus
-from lorasweep.run.backends import RunContext
+from lorasweep.run.backends.base import RunContext
 
 # environment passed to every task: offline switches and caches must hold on remote nodes too
 _FORWARD_ENV = (
@@ -104,6 +104,9 @@ class RayBackend:
                 ) from None
             self._started = True  # shut down in close(): a pruned sweep calls run() per rung
         yield from self._run(ray, trials, ctx)
+
+    def warm_up(self) -> None:
+        """Nothing to start early: Ray is initialised by the first ``run``."""
 
     def close(self) -> None:
         """Shut down the Ray instance this backend started (a joined cluster is left alone)."""
