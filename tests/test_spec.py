@@ -7,8 +7,9 @@ import math
 import pytest
 from conftest import tiny_classification_spec
 
+from lorasweep.plan import plan, resolve_alpha
 from lorasweep.run.preflight import check_spec
-from lorasweep.spec import SpecError, parse_spec, plan, resolve_alpha
+from lorasweep.spec import SpecError, parse_spec
 
 DEMO = {
     "name": "demo",

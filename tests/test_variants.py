@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorasweep.plan import adalora_schedule, plan
 from lorasweep.run.preflight import check_spec
-from lorasweep.spec import SpecError, adalora_schedule, parse_spec, plan
+from lorasweep.spec import SpecError, parse_spec
 from lorasweep.training import models
 from lorasweep.training.trial import train_trial
 

@@ -15,7 +15,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from lorasweep.spec import RESERVED_TRAINING_KEYS, SpecError, SweepSpec, merge_adapter
+from lorasweep.plan import merge_adapter
+from lorasweep.spec import RESERVED_TRAINING_KEYS, SpecError, SweepSpec
 
 
 def _training_fields() -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from lorasweep.spec import adalora_schedule
+from lorasweep.plan import adalora_schedule
 
 ProgressFn = Callable[[str, int, int], None]  # (trial_id, step, max_steps)
 

@@ -1,4 +1,4 @@
-"""A trial's adapter block (see spec.adapter_config) as a peft config, and what peft's wrapped
+"""A trial's adapter block (see plan.adapter_config) as a peft config, and what peft's wrapped
 model says back: the run's step count, AdaLoRA's final allocation, the scales applied."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from lorasweep.spec import adalora_schedule, planned_steps
+from lorasweep.plan import adalora_schedule, planned_steps
 
 
 def _resolved_targets(model: Any, targets: Any) -> Any:
@@ -19,7 +19,7 @@ def _resolved_targets(model: Any, targets: Any) -> Any:
 
 
 def build_peft_config(model: Any, ad: dict[str, Any], task: str, total_steps: int) -> Any:
-    """The peft config of a trial's adapter block (see spec.adapter_config)."""
+    """The peft config of a trial's adapter block (see plan.adapter_config)."""
     from peft import AdaLoraConfig, LoraConfig, TaskType
 
     task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
