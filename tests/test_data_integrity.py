@@ -13,7 +13,7 @@ from conftest import _minilm_tokenizer_dir
 
 from lorasweep.run import datacheck
 from lorasweep.spec import DatasetSpec
-from lorasweep.training import data
+from lorasweep.training import data, sources
 
 
 def dspec(source: str | Path, **over: object) -> dict:
@@ -39,25 +39,25 @@ def test_fingerprint_follows_bytes_not_path(tmp_path: Path):
     big = tmp_path / "a.csv"
     body = b"text,label\n" + b"some words here,1\n" * 100_000  # 1.8 MB: more than one chunk
     big.write_bytes(body)
-    fp = data.source_fingerprint(dspec(big))
+    fp = sources.source_fingerprint(dspec(big))
     assert fp is not None and len(fp) == 16 and int(fp, 16) >= 0
     copy = tmp_path / "elsewhere" / "b.csv"
     copy.parent.mkdir()
     shutil.copy(big, copy)
-    assert data.source_fingerprint(dspec(copy)) == fp
+    assert sources.source_fingerprint(dspec(copy)) == fp
     big.write_bytes(body[:-2] + b"0\n")  # one byte of the last row, in the second MiB
-    assert data.source_fingerprint(dspec(big)) != fp
+    assert sources.source_fingerprint(dspec(big)) != fp
 
 
 def test_fingerprint_of_builtins_and_hub_ids():
-    rt = data.source_fingerprint(dspec("builtin:rotten-tomatoes"))
-    assert rt is not None and rt == data.source_fingerprint(dspec("builtin:imdb"))  # one CSV
-    plain = data.source_fingerprint(dspec("builtin:shakespeare"))
-    instruct = data.source_fingerprint(dspec("builtin:shakespeare-instruct"))
+    rt = sources.source_fingerprint(dspec("builtin:rotten-tomatoes"))
+    assert rt is not None and rt == sources.source_fingerprint(dspec("builtin:imdb"))  # one CSV
+    plain = sources.source_fingerprint(dspec("builtin:shakespeare"))
+    instruct = sources.source_fingerprint(dspec("builtin:shakespeare-instruct"))
     assert None not in (plain, instruct) and plain != instruct  # the generator version counts
-    assert data.source_fingerprint(dspec("someone/some-dataset")) is None
+    assert sources.source_fingerprint(dspec("someone/some-dataset")) is None
     with pytest.raises(data.DataError, match="dataset.source: unknown builtin 'builtin:nope'"):
-        data.source_fingerprint(dspec("builtin:nope"))
+        sources.source_fingerprint(dspec("builtin:nope"))
 
 
 def test_cache_key_keeps_hub_keys_and_follows_the_fingerprint():
@@ -76,7 +76,7 @@ def test_edited_csv_is_tokenized_again(tmp_path: Path, tiny_csv: Path, tokenizer
     cache = tmp_path / "cache"
     d = dspec(csv, max_length=16)
     train, _, info = data.prepare(d, "classification", "m", tokenizer, cache)
-    assert info["fingerprint"] == data.source_fingerprint(d)
+    assert info["fingerprint"] == sources.source_fingerprint(d)
     assert json.loads(next(cache.glob("data-*/info.json")).read_text())["fingerprint"]
     _, _, again = data.prepare(d, "classification", "m", tokenizer, cache)
     assert again == info and len(list(cache.glob("data-*"))) == 1
@@ -119,7 +119,7 @@ def test_a_source_eval_split_loses_rows_that_are_in_train():
 
     train = Dataset.from_dict({"text": ["a", "b", "a", "c"], "label": [0, 1, 0, 1]})
     evalset = Dataset.from_dict({"text": ["b", "d", "c", "e"], "label": [1, 0, 1, 0]})
-    tr, ev, stats = data.deduplicate(train, evalset, ["text"])
+    tr, ev, stats = sources.deduplicate(train, evalset, ["text"])
     assert tr["text"] == ["a", "b", "c"] and ev["text"] == ["d", "e"]
     assert (stats["train_duplicates_dropped"], stats["eval_in_train_dropped"]) == (1, 2)
 
@@ -136,7 +136,7 @@ def test_format_rows_are_duplicates_only_when_equal_in_every_format_column(tmp_p
 
 def test_builtin_reviews_are_deduplicated_by_the_common_step():
     raw, _ = data.load_raw(dspec("builtin:imdb"), "classification")
-    train, _, stats = data.deduplicate(raw, None, ["text"])
+    train, _, stats = sources.deduplicate(raw, None, ["text"])
     assert stats["train_duplicates_dropped"] == 96  # IMDB texts that occur twice in the package
     assert len(set(train["text"])) == len(train) == 25_000 - 96
 

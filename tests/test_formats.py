@@ -12,16 +12,15 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from lorasweep.training.evaluate import causal_lm_metrics, token_nll_sum
 from lorasweep.training.formats import (
     IGNORE_INDEX,
     CausalCollator,
     FormatSpec,
-    build_shakespeare_instructions,
-    causal_lm_metrics,
     required_columns,
-    token_nll_sum,
     tokenize_causal,
 )
+from lorasweep.training.shakespeare import build_shakespeare_instructions
 
 M = IGNORE_INDEX
 WORDS = "a b c d e f g h Q A user assistant system".split()

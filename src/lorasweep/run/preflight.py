@@ -110,28 +110,28 @@ def check_training(training: dict[str, Any], key: str, fields: dict[str, Any]) -
 
 def check_dataset(spec: SweepSpec) -> list[str]:
     from lorasweep.run import datacheck
-    from lorasweep.training import data
+    from lorasweep.training import data, sources
 
     d = spec.dataset
     src = d.source
     if src.startswith("builtin:"):
-        if src not in data.BUILTIN_DATASETS:
+        if src not in sources.BUILTIN_DATASETS:
             return [
                 f"dataset.source: unknown builtin {src!r}; choose from "
-                f"{', '.join(data.BUILTIN_DATASETS)}"
+                f"{', '.join(sources.BUILTIN_DATASETS)}"
             ]
-    elif data.is_local(src) or src.startswith((".", "/", "~")):
+    elif sources.is_local(src) or src.startswith((".", "/", "~")):
         path = Path(src).expanduser()
         if not path.exists():
             return [f"dataset.source: file not found: {src!r}"]
-        if path.suffix.lower() not in data.LOCAL_SUFFIXES:
+        if path.suffix.lower() not in sources.LOCAL_SUFFIXES:
             return [
                 f"dataset.source: unsupported file type {path.suffix!r} "
-                f"(use {', '.join(data.LOCAL_SUFFIXES)})"
+                f"(use {', '.join(sources.LOCAL_SUFFIXES)})"
             ]
     try:
         columns = data.source_columns(src)
-    except data.DataError as e:
+    except sources.DataError as e:
         return [str(e)]
     except Exception as e:  # noqa: BLE001 - a malformed file: one line, not a traceback
         return [f"dataset.source: cannot read {src!r}: {e}"]

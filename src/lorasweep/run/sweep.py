@@ -24,7 +24,8 @@ from lorasweep.run.pruning import PruneSettings, check_prune_settings, merge_seg
 from lorasweep.run.rundir import check_out_path, check_same_settings, claim
 from lorasweep.spec import SweepSpec, parse_spec
 from lorasweep.store import open_store
-from lorasweep.training.data import prepare_for_sweep, source_fingerprint
+from lorasweep.training.data import prepare_for_sweep
+from lorasweep.training.sources import source_fingerprint
 
 RETRYABLE = {"failed": TrialStatus.FAILED, "oom": TrialStatus.OOM}
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import Trainer
+
+from lorasweep.training.formats import IGNORE_INDEX
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -35,8 +38,6 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
 @torch.no_grad()
 def causal_eval(trainer: Trainer, eval_ds: Any) -> dict[str, float]:
     """Perplexity = exp(total NLL / total target tokens) over the whole eval set."""
-    from lorasweep.training.formats import causal_lm_metrics, token_nll_sum
-
     model = trainer.model
     model.eval()
     nll, tokens = 0.0, 0
@@ -48,3 +49,34 @@ def causal_eval(trainer: Trainer, eval_ds: Any) -> dict[str, float]:
         nll += float(s)
         tokens += int(n)
     return causal_lm_metrics(nll, tokens)
+
+
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL over labels != -100, shifted like HF (logits[:-1] predict labels[1:]).
+
+    ``logits``: (batch, seq, vocab), any float dtype (computed in float32); ``labels``: (batch,
+    seq). Returns (sum of NLL in nats, number of tokens it covers).
+    """
+    import torch.nn.functional as F
+
+    shift_logits = logits[..., :-1, :].float()
+    shift_labels = labels[..., 1:].to(shift_logits.device)
+    n = int((shift_labels != IGNORE_INDEX).sum())
+    if n == 0:
+        return 0.0, 0
+    nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return float(nll), n
+
+
+def causal_lm_metrics(total_nll: float, total_tokens: int) -> dict[str, float]:
+    """Token-weighted metrics over a whole eval set: perplexity = exp(total_nll / total_tokens)."""
+    if total_tokens <= 0:
+        raise ValueError("no target tokens in the eval set: cannot compute perplexity")
+    mean = total_nll / total_tokens
+    perplexity = math.exp(mean) if mean < 700 else math.inf
+    return {"perplexity": perplexity, "eval_loss": mean, "eval_tokens": int(total_tokens)}
