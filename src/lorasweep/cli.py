@@ -307,151 +307,22 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------
-# parser
-
-
-def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--backend",
-        choices=["inprocess", "local", "ray"],
-        default="local",
-        help="where trials run (default: local, a fresh process per trial)",
-    )
-    p.add_argument("--jobs", type=int, default=1, help="trials at once (one GPU each)")
-    p.add_argument("--retry", default="", help="re-run trials with these statuses: failed,oom")
-    p.add_argument("--address", default=None, help="Ray cluster address (auto or HOST:PORT)")
-    p.add_argument("--quiet", action="store_true", help="no live progress display")
-    p.add_argument(
-        "--prune",
-        action="store_true",
-        help="successive halving: drop configurations significantly worse than the best at "
-        "intermediate rungs (needs >= 2 seeds)",
-    )
-    p.add_argument("--prune-eta", type=int, default=None, help="halving factor (default 2)")
-    p.add_argument(
-        "--prune-min-steps", type=int, default=None, help="steps of the first rung, at least (10)"
-    )
-    p.add_argument(
-        "--prune-alpha", type=float, default=None, help="level of the Holm-adjusted tests (0.05)"
-    )
-    p.add_argument(
-        "--prune-metric",
-        default=None,
-        help="eval metric compared at rungs (default: accuracy, or perplexity for causal-lm)",
-    )
-    p.add_argument(
-        "--prune-tolerance",
-        type=float,
-        default=None,
-        help="drop only configurations worse than the best by more than this (metric units)",
-    )
-    p.add_argument(
-        "--prune-eval-examples",
-        type=int,
-        default=None,
-        help="evaluate rungs on the first N eval examples (default: all; final eval uses all)",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lorasweep", description="Which LoRA configuration should I use? Evidence."
-    )
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("run", help="run or resume a sweep from a YAML spec")
-    s.add_argument("spec")
-    s.add_argument("--out", required=True, help="run folder (store, report, adapters)")
-    _run_args(s)
-    s.set_defaults(func=cmd_run)
-
-    s = sub.add_parser("demo", help="MiniLM + Rotten Tomatoes, 3 ranks x 2 seeds, on CPU")
-    s.add_argument("--out", default="lorasweep-demo")
-    _run_args(s)
-    s.set_defaults(func=cmd_demo)
-
-    s = sub.add_parser("status", help="the trials of a run folder")
-    s.add_argument("dir")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_status)
-
-    s = sub.add_parser("export", help="per-trial rows as CSV or JSON")
-    s.add_argument("dir")
-    s.add_argument("--format", choices=["csv", "json"], default="csv")
-    s.add_argument("-o", "--output", default=None)
-    s.set_defaults(func=cmd_export)
-
-    s = sub.add_parser("analyze", help="statistics and a recommendation")
-    s.add_argument("source", help="a run folder, or a CSV/JSON of per-trial rows")
-    s.add_argument("--metric")
-    s.add_argument("--direction", choices=["min", "max"])
-    s.add_argument("--by", help="grouping columns, comma separated (default: variant,rank)")
-    s.add_argument("--cost", help="cost column (default: train_seconds)")
-    s.add_argument("--tolerance", type=float, help="accept configs within this metric distance")
-    s.add_argument("--memory-budget", type=float, help="GB")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_analyze)
-
-    s = sub.add_parser("report", help="write DIR/report.html")
-    s.add_argument("dir")
-    s.set_defaults(func=cmd_report)
-
-    s = sub.add_parser("estimate", help="params, adapter size and memory per rank, no weights")
-    s.add_argument("model")
-    s.add_argument("--ranks", default="4,8,16,32,64,128,256")
-    s.add_argument("--targets", default=None)
-    s.add_argument("--variant", choices=["lora", "dora", "qlora"], default="lora")
-    s.add_argument("--task", choices=["causal-lm", "classification"], default=None)
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--seq", type=int, default=512)
-    s.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    s.add_argument("--optimizer", choices=["adamw", "adamw-8bit", "sgd"], default="adamw")
-    s.add_argument("--gradient-checkpointing", action="store_true")
-    s.add_argument("--plot", default=None, help="write the memory-vs-rank PNG here")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_estimate)
-
-    s = sub.add_parser(
-        "spectrum", help="effective rank of a trained adapter, a rank suggestion, --verify it"
-    )
-    s.add_argument("adapter", help="a saved peft adapter folder")
-    s.add_argument("other", nargs="?", default=None, help="a second adapter to compare")
-    s.add_argument("--energy", type=float, default=0.9, help="share of Σσ² to keep (0.9)")
-    s.add_argument(
-        "--by", choices=["group", "type"], default="group", help="rank_pattern per group or type"
-    )
-    s.add_argument("--plot", default=None, help="write the singular-value PNG here")
-    s.add_argument("--json", action="store_true")
-    s.add_argument(
-        "--verify",
-        default=None,
-        metavar="RUN_DIR",
-        help="add the suggestion to this sweep as extra variants and train them",
-    )
-    s.add_argument(
-        "--no-run", action="store_true", help="with --verify: write RUN_DIR/spec.verify.yaml only"
-    )
-    s.add_argument(
-        "--backend",
-        choices=["inprocess", "local"],
-        default="local",
-        help="with --verify: where the new trials run (default: local)",
-    )
-    s.add_argument("--quiet", action="store_true", help="with --verify: no live progress")
-    s.set_defaults(func=cmd_spectrum)
-
-    s = sub.add_parser("init", help="write a commented starter spec")
-    s.add_argument("--model", default="builtin:minilm-l6")
-    s.add_argument("--task", choices=["classification", "causal-lm"], default=None)
-    s.add_argument("-o", "--output", default="sweep.yaml")
-    s.add_argument("--force", action="store_true")
-    s.set_defaults(func=cmd_init)
-    return p
+COMMANDS = {
+    "run": cmd_run,
+    "demo": cmd_demo,
+    "status": cmd_status,
+    "export": cmd_export,
+    "analyze": cmd_analyze,
+    "report": cmd_report,
+    "estimate": cmd_estimate,
+    "spectrum": cmd_spectrum,
+    "init": cmd_init,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorasweep.cli_args import build_parser
+
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
@@ -468,7 +339,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from lorasweep.spec import SpecError
 
     try:
-        return int(args.func(args) or 0)
+        return int(COMMANDS[args.command](args) or 0)
     except SpecError as e:
         if args.debug:
             raise

@@ -1,0 +1,165 @@
+"""The command line's options: one function per subcommand, each option with its help."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=["inprocess", "local", "ray"],
+        default="local",
+        help="where trials run (default: local, a fresh process per trial)",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="trials at once (one GPU each)")
+    p.add_argument("--retry", default="", help="re-run trials with these statuses: failed,oom")
+    p.add_argument("--address", default=None, help="Ray cluster address (auto or HOST:PORT)")
+    p.add_argument("--quiet", action="store_true", help="no live progress display")
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="successive halving: drop configurations significantly worse than the best at "
+        "intermediate rungs (needs >= 2 seeds)",
+    )
+    p.add_argument("--prune-eta", type=int, default=None, help="halving factor (default 2)")
+    p.add_argument(
+        "--prune-min-steps", type=int, default=None, help="steps of the first rung, at least (10)"
+    )
+    p.add_argument(
+        "--prune-alpha", type=float, default=None, help="level of the Holm-adjusted tests (0.05)"
+    )
+    p.add_argument(
+        "--prune-metric",
+        default=None,
+        help="eval metric compared at rungs (default: accuracy, or perplexity for causal-lm)",
+    )
+    p.add_argument(
+        "--prune-tolerance",
+        type=float,
+        default=None,
+        help="drop only configurations worse than the best by more than this (metric units)",
+    )
+    p.add_argument(
+        "--prune-eval-examples",
+        type=int,
+        default=None,
+        help="evaluate rungs on the first N eval examples (default: all; final eval uses all)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorasweep", description="Which LoRA configuration should I use? Evidence."
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    _run_command(sub)
+    _demo_command(sub)
+    _status_command(sub)
+    _export_command(sub)
+    _analyze_command(sub)
+    _report_command(sub)
+    _estimate_command(sub)
+    _spectrum_command(sub)
+    _init_command(sub)
+    return p
+
+
+def _run_command(sub: Any) -> None:
+    s = sub.add_parser("run", help="run or resume a sweep from a YAML spec")
+    s.add_argument("spec")
+    s.add_argument("--out", required=True, help="run folder (store, report, adapters)")
+    _run_args(s)
+
+
+def _demo_command(sub: Any) -> None:
+    s = sub.add_parser("demo", help="MiniLM + Rotten Tomatoes, 3 ranks x 2 seeds, on CPU")
+    s.add_argument("--out", default="lorasweep-demo")
+    _run_args(s)
+
+
+def _status_command(sub: Any) -> None:
+    s = sub.add_parser("status", help="the trials of a run folder")
+    s.add_argument("dir")
+    s.add_argument("--json", action="store_true")
+
+
+def _export_command(sub: Any) -> None:
+    s = sub.add_parser("export", help="per-trial rows as CSV or JSON")
+    s.add_argument("dir")
+    s.add_argument("--format", choices=["csv", "json"], default="csv")
+    s.add_argument("-o", "--output", default=None)
+
+
+def _analyze_command(sub: Any) -> None:
+    s = sub.add_parser("analyze", help="statistics and a recommendation")
+    s.add_argument("source", help="a run folder, or a CSV/JSON of per-trial rows")
+    s.add_argument("--metric")
+    s.add_argument("--direction", choices=["min", "max"])
+    s.add_argument("--by", help="grouping columns, comma separated (default: variant,rank)")
+    s.add_argument("--cost", help="cost column (default: train_seconds)")
+    s.add_argument("--tolerance", type=float, help="accept configs within this metric distance")
+    s.add_argument("--memory-budget", type=float, help="GB")
+    s.add_argument("--json", action="store_true")
+
+
+def _report_command(sub: Any) -> None:
+    s = sub.add_parser("report", help="write DIR/report.html")
+    s.add_argument("dir")
+
+
+def _estimate_command(sub: Any) -> None:
+    s = sub.add_parser("estimate", help="params, adapter size and memory per rank, no weights")
+    s.add_argument("model")
+    s.add_argument("--ranks", default="4,8,16,32,64,128,256")
+    s.add_argument("--targets", default=None)
+    s.add_argument("--variant", choices=["lora", "dora", "qlora"], default="lora")
+    s.add_argument("--task", choices=["causal-lm", "classification"], default=None)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--seq", type=int, default=512)
+    s.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    s.add_argument("--optimizer", choices=["adamw", "adamw-8bit", "sgd"], default="adamw")
+    s.add_argument("--gradient-checkpointing", action="store_true")
+    s.add_argument("--plot", default=None, help="write the memory-vs-rank PNG here")
+    s.add_argument("--json", action="store_true")
+
+
+def _spectrum_command(sub: Any) -> None:
+    s = sub.add_parser(
+        "spectrum", help="effective rank of a trained adapter, a rank suggestion, --verify it"
+    )
+    s.add_argument("adapter", help="a saved peft adapter folder")
+    s.add_argument("other", nargs="?", default=None, help="a second adapter to compare")
+    s.add_argument("--energy", type=float, default=0.9, help="share of Σσ² to keep (0.9)")
+    s.add_argument(
+        "--by", choices=["group", "type"], default="group", help="rank_pattern per group or type"
+    )
+    s.add_argument("--plot", default=None, help="write the singular-value PNG here")
+    s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--verify",
+        default=None,
+        metavar="RUN_DIR",
+        help="add the suggestion to this sweep as extra variants and train them",
+    )
+    s.add_argument(
+        "--no-run", action="store_true", help="with --verify: write RUN_DIR/spec.verify.yaml only"
+    )
+    s.add_argument(
+        "--backend",
+        choices=["inprocess", "local"],
+        default="local",
+        help="with --verify: where the new trials run (default: local)",
+    )
+    s.add_argument("--quiet", action="store_true", help="with --verify: no live progress")
+
+
+def _init_command(sub: Any) -> None:
+    s = sub.add_parser("init", help="write a commented starter spec")
+    s.add_argument("--model", default="builtin:minilm-l6")
+    s.add_argument("--task", choices=["classification", "causal-lm"], default=None)
+    s.add_argument("-o", "--output", default="sweep.yaml")
+    s.add_argument("--force", action="store_true")
