@@ -272,6 +272,7 @@ def _scan_cached(dspec_json: str, task: str, fingerprint: str | None) -> _Scan:
 
 
 def _scan_file(dspec: dict[str, Any], task: str) -> _Scan:
+    # long: one pass over the file feeds every check (cells, duplicates, classes)
     source = dspec["source"]
     path = Path(source).expanduser()
     if not path.is_file():

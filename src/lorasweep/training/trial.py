@@ -162,6 +162,7 @@ def _run(
     context: dict[str, Any],
 ) -> None:
     """The trial, phase by phase: load, train, evaluate, then pause at a rung or save."""
+    # long: the recipe reads top to bottom (torchtune's rule); each phase's detail is a helper
     cfg, ad = trial.config, trial.config["adapter"]
     if context.get("threads"):
         torch.set_num_threads(int(context["threads"]))
@@ -209,11 +210,7 @@ def _run(
     eval_ds = loaded.eval_ds
     scored = eval_ds.select(range(min(int(rung_n), len(eval_ds)))) if rung_n else eval_ds
     with monitor.timer("rung_eval" if paused else "eval"):
-        if cfg["task"] == "classification":
-            pred = trainer.predict(scored)
-            metrics = classification_metrics(pred.predictions, pred.label_ids)
-        else:
-            metrics = causal_eval(trainer, scored)
+        metrics = _evaluate(cfg["task"], trainer, scored)
     for k, v in metrics.items():  # eval_accuracy, eval_f1, eval_loss, eval_perplexity
         if k != "eval_tokens":
             result.curves[eval_curve(k)] = [[float(step), v]]
@@ -282,6 +279,13 @@ def _load(
     model = get_peft_model(model, build_peft_config(model, ad, task, steps))
     trainable, total = model.get_nb_trainable_parameters()
     return _Loaded(tokenizer, train_ds, eval_ds, info, model, args, trainable, total)
+
+
+def _evaluate(task: str, trainer: Trainer, scored: Any) -> dict[str, float]:
+    if task == "classification":
+        pred = trainer.predict(scored)
+        return classification_metrics(pred.predictions, pred.label_ids)
+    return causal_eval(trainer, scored)
 
 
 def _inner_collator(task: str, tokenizer: Any) -> Any:
