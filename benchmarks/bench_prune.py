@@ -70,7 +70,7 @@ def summarize(
         "stdout_tail": stdout[-2:],
     }
     if prune:
-        from lorasweep.run.pruning import pruning_summary
+        from lorasweep.analysis.pruning_summary import pruning_summary
 
         s = pruning_summary(prune, df)
         out["pruning"] = {

@@ -24,7 +24,8 @@ from transformers import (
     RobertaConfig,
 )
 
-from lorasweep.tools.estimate import SHIPPED, estimate, load_model_config, plot_estimate
+from lorasweep.analysis.tool_plots import plot_estimate
+from lorasweep.tools.estimate import SHIPPED, estimate, load_model_config
 
 _DEC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=64, vocab_size=128)  # fmt: skip

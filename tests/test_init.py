@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from lorasweep.spec import parse_spec
-from lorasweep.tools.starter import StarterError, infer_task, starter_spec
+from lorasweep.tools.starter import StarterError, starter_spec
+from lorasweep.training.models import infer_task
 
 
 def test_minilm_starter_is_a_commented_classification_spec_that_checks() -> None:

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from lorasweep.run.pruning import decide_rung, rung_steps
+from lorasweep.analysis.compare import decide_rung
+from lorasweep.run.pruning import rung_steps
 
 
 def test_rung_schedule():
@@ -100,7 +101,8 @@ def test_planned_steps_counts_like_the_trainer():
 def test_pruning_summary_and_section_name_the_cheaper_dropped_config():
     import pandas as pd
 
-    from lorasweep.run.pruning import format_pruning, pruning_section_html, pruning_summary
+    from lorasweep.analysis.pruning_summary import format_pruning, pruning_summary
+    from lorasweep.analysis.report_sections import pruning_section_html
 
     state = {
         "settings": {"eta": 2, "min_steps": 10, "alpha": 0.05, "tolerance": 0.0},

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lorasweep.analysis import report, stats
+from lorasweep.analysis import report, stats, units
 
 GIB = 1024**3
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,13 +90,13 @@ def built(tmp_path_factory) -> Path:
 
 
 def test_formatters():
-    assert report.fmt_bytes(1536) == "1.50 KiB" and report.fmt_bytes(3 * GIB) == "3.00 GiB"
-    assert report.fmt_bytes(None) == "-" and report.fmt_bytes(float("nan")) == "-"
-    assert report.fmt_seconds(42.26) == "42.3 s" and report.fmt_seconds(300) == "5.0 min"
-    assert report.fmt_seconds(7200) == "2.00 h"
-    assert report.fmt_count(1234567) == "1,234,567"
-    assert report.fmt_mean_std(0.85, 0.005) == "0.85 ± 0.005"
-    assert report.fmt_mean_std(2 * GIB, 0.0, "bytes") == "2.00 GiB"
+    assert units.fmt_bytes(1536) == "1.50 KiB" and units.fmt_bytes(3 * GIB) == "3.00 GiB"
+    assert units.fmt_bytes(None) == "-" and units.fmt_bytes(float("nan")) == "-"
+    assert units.fmt_seconds(42.26) == "42.3 s" and units.fmt_seconds(300) == "5.0 min"
+    assert units.fmt_seconds(7200) == "2.00 h"
+    assert units.fmt_count(1234567) == "1,234,567"
+    assert units.fmt_mean_std(0.85, 0.005) == "0.85 ± 0.005"
+    assert units.fmt_mean_std(2 * GIB, 0.0, "bytes") == "2.00 GiB"
 
 
 def test_report_is_self_contained_with_all_sections(built):

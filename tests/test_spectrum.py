@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lorasweep.analysis import report_sections, tool_plots
 from lorasweep.tools import spectrum as sp
 
 torch = pytest.importorskip("torch")
@@ -359,24 +360,24 @@ def test_cli_json_shape(adapters):
 def test_plots_and_report_section(adapters, tmp_path):
     specs = [sp.adapter_spectrum(adapters[k]) for k in ("r16", "r8")]
     for f in (
-        sp.plot_spectra(specs, tmp_path / "s.png"),
-        sp.plot_similarity(
+        tool_plots.plot_spectra(specs, tmp_path / "s.png"),
+        tool_plots.plot_similarity(
             sp.subspace_similarity(adapters["r8"], adapters["r4"]), tmp_path / "h.png"
         ),
     ):
         assert f.read_bytes()[:4] == b"\x89PNG" and f.stat().st_size > 5000
     dirs = {"lora/r=16/seed=0": adapters["r16"], "lora/r=8/seed=0": adapters["r8"]}
-    html = sp.spectrum_section_html({**dirs, "lora/r=2/seed=0": tmp_path / "missing"})
+    html = report_sections.spectrum_section_html({**dirs, "lora/r=2/seed=0": tmp_path / "missing"})
     assert "lora/r=16/seed=0" in html and "lora/r=8/seed=0" in html
     assert "data:image/png;base64," in html and "not analysed" in html
     assert "highest-rank adapter (lora/r=16/seed=0): rank <b>5</b>" in html
-    assert "No saved adapters" in sp.spectrum_section_html({})
+    assert "No saved adapters" in report_sections.spectrum_section_html({})
 
 
 def test_import_and_analysis_do_not_load_torch(adapters):
     code = (
         "import sys, lorasweep; before = set(sys.modules)\n"
-        "import lorasweep.tools.spectrum as s\n"
+        "import lorasweep.analysis.report_sections as s\n"
         f"s.spectrum_section_html({{'a': {str(adapters['r16'])!r}}})\n"
         "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
         "assert not new & {'torch', 'transformers', 'peft'}, new\n"

@@ -55,7 +55,7 @@ def fake_analysis(types, group_ranks, rank):
 def pattern_ranks(spec_dict, variant, names):
     """module -> rank for ``names`` under the variant's rank_pattern, as a trial builds it
     (targets.rank_pattern_for_groups) and peft matches it (first matching key)."""
-    from lorasweep.tools.spectrum import _pattern_key
+    from lorasweep.tools.adapter_files import pattern_key as _pattern_key
     from lorasweep.training.targets import rank_pattern_for_groups
 
     spec = parse_spec(spec_dict)

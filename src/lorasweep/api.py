@@ -15,7 +15,7 @@
     Results("runs/demo")                          # an existing run folder, no training
 
 Nothing here computes anything of its own: the store gives the frames (``store.trials_frame``),
-``stats.analyze`` the statistics, ``plots`` the figures and ``sweep.write_run_report`` the report,
+``stats.analyze`` the statistics, ``plots`` the figures and ``report.write_run_report`` the report,
 exactly as the command line does.
 """
 
@@ -184,8 +184,8 @@ class Results:
     @property
     def pruning(self) -> dict[str, Any] | None:
         """For a sweep run with ``prune``: its rung decisions and what pruning saved (trial-steps
-        and training seconds against the full grid), as ``prune.pruning_summary``; else None."""
-        from lorasweep.run.pruning import pruning_summary
+        and training seconds against the full grid), as ``analysis.pruning_summary``; else None."""
+        from lorasweep.analysis.pruning_summary import pruning_summary
 
         with self._store() as store:
             state, trials = store.meta().get("prune"), store.trials_frame()
@@ -310,7 +310,7 @@ class Results:
     def report(self, **kwargs: Any) -> Path:
         """(Re)write ``out_dir/report.html`` and return its path; keyword arguments go to
         ``report.build_report`` (``analysis_kwargs``, ``gpu_limits_gb``)."""
-        from lorasweep.run.sweep import write_run_report
+        from lorasweep.analysis.report import write_run_report
 
         path = write_run_report(self.out_dir, **kwargs)
         if path is None:

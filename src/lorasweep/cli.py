@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from lorasweep.records import HEADLINE_METRICS, TrialStatus, paused_of
+
 EXIT_USAGE = 2  # bad input: a spec key, an option, a column
 EXIT_WORLD = 1  # a fault of the world: disk, permissions, a corrupt store
 PRUNE_OPTIONS = ("eta", "min_steps", "alpha", "metric", "tolerance", "eval_examples")
@@ -64,13 +66,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _failure_summary(outcome: Any) -> int:
     """The last line says how many planned trials failed; exit 1 when none produced a result."""
-    failed = {s: n for s, n in outcome.statuses.items() if s in ("failed", "oom")}
+    failed = {s: n for s, n in outcome.statuses.items() if TrialStatus(s).retryable}
     n_failed = sum(failed.values())
     if not n_failed:
         return 0
     what = ", ".join(f"{n} {s}" for s, n in sorted(failed.items()))
     see = f"`lorasweep status {outcome.out_dir}` shows why"
-    if not any(outcome.statuses.get(s) for s in ("complete", "diverged", "pruned")):
+    if not any(n for s, n in outcome.statuses.items() if TrialStatus(s).finished):
         print(f"lorasweep: error: every trial failed ({what}); {see}", file=sys.stderr)
         return 1
     print(f"{n_failed} of {outcome.planned} trials failed ({what}); {see}")
@@ -98,7 +100,7 @@ def _print_outcome(outcome: Any) -> None:
     except ValueError as e:
         print(f"(no analysis: {e})")
     if prune_state:
-        from lorasweep.run.pruning import format_pruning, pruning_summary
+        from lorasweep.analysis.pruning_summary import format_pruning, pruning_summary
 
         print(format_pruning(pruning_summary(prune_state, df)))
     if outcome.report:
@@ -119,7 +121,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "variant": t["variant"],
             "metrics": t["metrics"],
             "error": t["error"],
-            "paused": t["artifacts"].get("paused"),
+            "paused": paused_of(t["artifacts"]),
         }
         for t in trials
     ]
@@ -133,10 +135,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{'id':12}  {'status':9} {'variant':12} {'rank':>5} {'seed':>4}  metric")
     for r in rows:
         m = r["metrics"]
-        shown = " ".join(
-            f"{k}={m[k]:.4g}" for k in ("accuracy", "f1", "perplexity") if m.get(k) is not None
-        )
-        if r["status"] in ("pending", "running") and r.get("paused"):
+        shown = " ".join(f"{k}={m[k]:.4g}" for k in HEADLINE_METRICS if m.get(k) is not None)
+        if TrialStatus(r["status"]).is_active and r["paused"]:
             shown = f"paused at step {r['paused']['step']}: {shown}"
         if r["error"]:
             shown += " " + r["error"].splitlines()[-1][:80]
@@ -189,7 +189,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lorasweep.run.sweep import write_run_report
+    from lorasweep.analysis.report import write_run_report
     from lorasweep.store import open_store
 
     with open_store(args.dir) as store:
@@ -209,7 +209,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from lorasweep.tools.estimate import estimate, plot_estimate
+    from lorasweep.analysis.tool_plots import plot_estimate
+    from lorasweep.tools.estimate import estimate
 
     ranks = _positive_ints("--ranks", args.ranks)
     for flag, v in (("--batch", args.batch), ("--seq", args.seq)):
@@ -260,7 +261,9 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
         spectra = [out]
         if args.other:
             spectra.append(spectrum.adapter_spectrum(args.other))
-        spectrum.plot_spectra(spectra, args.plot)
+        from lorasweep.analysis.tool_plots import plot_spectra
+
+        plot_spectra(spectra, args.plot)
     if args.verify:
         import contextlib
 

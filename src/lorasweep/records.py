@@ -34,8 +34,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 
 class TrialStatus(str, enum.Enum):
@@ -54,6 +55,17 @@ class TrialStatus(str, enum.Enum):
         """A finished trial is immutable and never re-run."""
         return self in (TrialStatus.COMPLETE, TrialStatus.DIVERGED, TrialStatus.PRUNED)
 
+    @property
+    def is_active(self) -> bool:
+        """Not ended yet: planned, running, interrupted or paused at a pruning rung; a sweep
+        runs (or resumes) it."""
+        return self in (TrialStatus.PENDING, TrialStatus.RUNNING)
+
+    @property
+    def retryable(self) -> bool:
+        """Ended without a result; kept, and run again only when asked (``--retry``)."""
+        return self in (TrialStatus.FAILED, TrialStatus.OOM)
+
 
 # Direction of every metric the tool produces: True when larger is better.
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -63,6 +75,22 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "eval_loss": False,
     "train_loss": False,
 }
+
+# Eval metrics each task's evaluation produces (each with an eval_<metric> curve). The first is
+# the task's default metric: what ``stats.analyze`` compares, the pruning rungs test and the
+# report shows when no metric is named.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "f1", "eval_loss"),
+    "causal-lm": ("perplexity", "eval_loss"),
+}
+DEFAULT_METRIC: dict[str, str] = {task: metrics[0] for task, metrics in TASK_METRICS.items()}
+# The metrics shown on a trial's one-line summary (progress lines, ``lorasweep status``).
+HEADLINE_METRICS = ("accuracy", "f1", "perplexity")
+
+
+def default_metric(task: Any) -> str | None:
+    """accuracy for classification, perplexity for causal-lm; None for another or no task."""
+    return DEFAULT_METRIC.get(task)
 
 
 def eval_curve(metric: str) -> str:
@@ -75,6 +103,66 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+# --------------------------------------------------------------------------------------------
+# Typed views of the plain dicts a trial carries. Typing only: at run time they are the same
+# dicts (Trial.config is hashed into the trial id, and stored as JSON).
+
+
+class AdapterConfig(TypedDict, total=False):
+    """The resolved ``adapter`` block of a trial config (``plan.adapter_config``)."""
+
+    method: str  # lora, dora, adalora, ... (peft's method)
+    target_modules: list[str] | str | None
+    dropout: float
+    bias: str
+    quantization: str | None
+    compute_dtype: str | None
+    precision: str
+    # rank-based methods
+    r: int
+    rank_pattern: dict[str, int] | None
+    alpha_pattern: dict[str, float] | None
+    scale_pattern: dict[str, float]
+    # AdaLoRA
+    init_r: int
+    target_r: int
+    tinit: int | None
+    tfinal: int | None
+    deltaT: int | None
+    orth_reg_weight: float
+    # the alpha policy, resolved for this rank
+    alpha_policy: str  # "rank", "2*rank", "fixed:16", "rslora:16"
+    alpha: float
+    use_rslora: bool
+    scale: float | None  # alpha / r (alpha / sqrt(r) for rsLoRA); None when groups differ
+
+
+class TrialConfig(TypedDict):
+    """``Trial.config``: everything that defines a run (``plan.plan``)."""
+
+    task: str  # "classification" or "causal-lm"
+    model: str
+    dataset: dict[str, Any]  # the spec's dataset block (source, columns, split, ...)
+    variant: str
+    training: dict[str, Any]  # TrainingArguments names
+    adapter: AdapterConfig
+    report_to: list[str]
+
+
+class Paused(TypedDict):
+    """``TrialResult.artifacts["paused"]``: a trial stopped at a pruning rung. The checkpoint
+    is a path (relative to the run folder once stored) to resume from."""
+
+    step: int
+    checkpoint: str
+
+
+def paused_of(artifacts: Mapping[str, Any]) -> Paused | None:
+    """The rung a trial is paused at, from its artifacts; None when it is not paused. The dict
+    returned is the one in ``artifacts`` (a change to it changes them)."""
+    return artifacts.get("paused") or None
+
+
 @dataclass(frozen=True)
 class Trial:
     """A fully resolved configuration plus a seed.
@@ -85,7 +173,7 @@ class Trial:
     so the same configuration always gets the same id, across runs and machines.
     """
 
-    config: dict[str, Any]
+    config: TrialConfig
     variant: str
     rank: int | None
     seed: int

