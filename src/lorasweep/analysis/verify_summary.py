@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lorasweep.records import default_metric
+
 
 def verify_report_info(meta: Mapping[str, Any], trials: Any) -> list[dict[str, Any]]:
     """Verify records of a run for the report's spectrum section, each with ``compare``: per
@@ -19,7 +21,7 @@ def verify_report_info(meta: Mapping[str, Any], trials: Any) -> list[dict[str, A
     records = meta.get("verify") or []
     if not records or trials is None or getattr(trials, "empty", True):
         return []
-    metric = "accuracy" if meta.get("task") == "classification" else "perplexity"
+    metric = default_metric(meta.get("task")) or "perplexity"
     done = trials[trials["status"] == "complete"]
     out = []
     for rec in records:

@@ -19,7 +19,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -130,7 +130,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def settings_of(config: dict[str, Any]) -> dict[str, Any]:
+def settings_of(config: Mapping[str, Any]) -> dict[str, Any]:
     """The fixed settings of a trial config, flattened (``training.max_steps``): everything
     except the rank and what follows from it, the variant's name and the logging targets."""
     cfg = {k: v for k, v in config.items() if k not in _NOT_SETTINGS}

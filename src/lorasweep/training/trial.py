@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from lorasweep.records import Trial, TrialResult, TrialStatus, eval_curve
+from lorasweep.records import Paused, Trial, TrialResult, TrialStatus, eval_curve
 from lorasweep.training import data as data_mod
 from lorasweep.training import models, tracking
 from lorasweep.training.callbacks import (
@@ -303,7 +303,7 @@ def _pause(workdir: Path, args: TrainingArguments, step: int, result: TrialResul
     shutil.rmtree(ckpt, ignore_errors=True)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(Path(args.output_dir) / f"checkpoint-{step}"), str(ckpt))
-    result.artifacts["paused"] = {"step": step, "checkpoint": str(ckpt)}
+    result.artifacts["paused"] = Paused(step=step, checkpoint=str(ckpt))
     result.status = TrialStatus.PENDING
 
 
