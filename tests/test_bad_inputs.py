@@ -10,6 +10,7 @@ line; a new ``--out`` does not exist; an existing run folder holds exactly the t
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import shutil
@@ -449,6 +450,61 @@ CASES = [
         "SOURCE: not a run folder or a CSV/JSON file",
         argv=_cli("analyze", "{tmp}/none.csv"),
     ),
+    # -- the margin of the recommendation: spec, analyze, report (checked before anything loads)
+    Case(
+        "analysis-margin-text",
+        _set("analysis.margin", "abc"),
+        "analysis.margin: 'abc' must be a number >= 0 in the metric's units, or a percentage",
+    ),
+    Case(
+        "analysis-margin-negative",
+        _set("analysis.margin", -0.5),
+        "analysis.margin: -0.5 must be a number >= 0",
+    ),
+    Case(
+        "analysis-margin-100-percent",
+        _set("analysis.margin", "100%"),
+        "analysis.margin: '100%' must be a number >= 0",
+    ),
+    Case(
+        "analysis-unknown-key",
+        _set("analysis.tolerance", 0.1),
+        "analysis.tolerance: unknown key (value 0.1)",
+    ),
+    Case(
+        "analyze-margin-text",
+        None,
+        "--margin: 'abc' must be a number >= 0 in the metric's units, or a percentage",
+        argv=_cli("analyze", "{run}", "--margin", "abc"),
+        needs_run=True,
+    ),
+    Case(
+        "analyze-margin-negative",
+        None,
+        "--margin: '-0.1' must be a number >= 0",
+        argv=_cli("analyze", "{run}", "--margin=-0.1"),
+        needs_run=True,
+    ),
+    Case(
+        "analyze-margin-before-the-source-loads",
+        None,
+        "--margin: 'two%' must be a number >= 0",
+        argv=_cli("analyze", "{tmp}/none.csv", "--margin", "two%"),
+    ),
+    Case(
+        "analyze-margin-and-tolerance",
+        None,
+        "--tolerance: use --margin; both were given",
+        argv=_cli("analyze", "{run}", "--margin", "0.01", "--tolerance", "0.01"),
+        needs_run=True,
+    ),
+    Case(
+        "report-margin-percent-too-large",
+        None,
+        "--margin: '150%' must be a number >= 0",
+        argv=_cli("report", "{run}", "--margin", "150%"),
+        needs_run=True,
+    ),
     Case(
         "init-exists",
         lambda e: (e.tmp / "s.yaml").write_text("mine"),
@@ -598,6 +654,89 @@ def test_adding_a_rank_or_a_seed_keeps_working(recorded_run, tmp_path):
     assert outcome.ran == 4 and outcome.skipped == 2
     after = {t[0] for t in _snapshot(out)}
     assert before < after and len(after) == 6
+
+
+def _new_analyze() -> bool:
+    """The non-inferiority ``analyze`` that takes ``margin`` has landed."""
+    from lorasweep.analysis.stats import analyze
+
+    return "margin" in inspect.signature(analyze).parameters
+
+
+def _spy_analyze(monkeypatch) -> list[dict]:
+    """Record the keyword arguments every ``stats.analyze`` call gets (``margin`` is dropped
+    before the real call while ``analyze`` does not take it yet)."""
+    from lorasweep.analysis import stats
+
+    real, seen = stats.analyze, []
+
+    def spy(trials, **kwargs):
+        seen.append(dict(kwargs))
+        if not _new_analyze():
+            kwargs.pop("margin", None)
+        return real(trials, **kwargs)
+
+    monkeypatch.setattr(stats, "analyze", spy)
+    return seen
+
+
+def test_changing_the_margin_between_runs_is_not_a_changed_spec(
+    recorded_run, tmp_path, monkeypatch, capsys
+):
+    run_dir, spec = recorded_run
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    before = _snapshot(out)
+    spec = copy.deepcopy(spec)
+    spec["analysis"] = {"margin": "2%"}
+    outcome = run_sweep(spec, out, backend="inprocess", quiet=True, report=False)
+    assert outcome.ran == 0 and outcome.skipped == 2 and _snapshot(out) == before
+    with open_store(out) as store:
+        assert store.meta()["spec"]["analysis"] == {"margin": "2%"}
+    # the CLI: the run's analysis, `report` and `analyze` use it; --margin overrides it
+    seen = _spy_analyze(monkeypatch)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    argv = ["run", str(tmp_path / "s.yaml"), "--out", str(out), "--quiet", "--backend",
+            "inprocess"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert seen and all(kw.get("margin") == "2%" for kw in seen)
+    assert _snapshot(out) == before
+    spec["analysis"] = {"margin": 0.5}  # changed again: still the same experiment
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    seen.clear()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert seen and all(kw.get("margin") == 0.5 for kw in seen)
+    seen.clear()
+    assert main(["report", str(out)]) == 0, capsys.readouterr().err
+    assert seen and all(kw.get("margin") == 0.5 for kw in seen)
+    seen.clear()
+    assert main(["report", str(out), "--margin", "3%"]) == 0, capsys.readouterr().err
+    assert seen and all(kw.get("margin") == "3%" for kw in seen)
+    seen.clear()
+    assert main(["analyze", str(out)]) == 0 and seen[-1]["margin"] == 0.5
+    assert main(["analyze", str(out), "--margin", "0.02"]) == 0 and seen[-1]["margin"] == "0.02"
+    assert main(["analyze", str(out), "--tolerance", "0.1"]) == 0
+    assert seen[-1]["tolerance"] == 0.1 and "margin" not in seen[-1]  # the deprecated alias
+    assert _snapshot(out) == before
+
+
+@pytest.mark.skipif(not _new_analyze(), reason="needs the analyze that takes margin")
+def test_the_margin_reaches_the_recommendation(recorded_run, tmp_path, capsys):
+    run_dir, spec = recorded_run
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    spec = copy.deepcopy(spec)
+    spec["analysis"] = {"margin": "2%"}
+    run_sweep(spec, out, backend="inprocess", quiet=True, report=False)
+    for argv in (["analyze", str(out)], ["analyze", str(out), "--margin", "0.5"],
+                 ["report", str(out)], ["report", str(out), "--margin", "0"]):  # fmt: skip
+        assert main(argv) == 0, capsys.readouterr().err
+    assert (out / "report.html").exists()
+    capsys.readouterr()
+    for argv, value, relative in ((["--margin", "0.5"], 0.5, False), ([], 0.02, True)):
+        assert main(["analyze", str(out), "--json", *argv]) == 0
+        margin = json.loads(capsys.readouterr().out)["margin"]
+        assert margin["value"] == pytest.approx(value) and margin["relative"] is relative
 
 
 def test_edited_data_is_refused_and_never_trained_on(tiny_bert_dir, tiny_csv, tmp_path, capsys):

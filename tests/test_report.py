@@ -80,12 +80,21 @@ def synthetic() -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     return pd.DataFrame(rows), pd.DataFrame(curves), meta
 
 
+# r=16 is 0.4 points below r=64 (bound -1.9 points): within a 3-point margin, not within 1
+MARGIN = 0.03
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     trials, curves, meta = synthetic()
     extra = [{"title": "Adapter spectrum", "html": "<p id='spectrum'>effective rank 7.5</p>"}]
     return report.build_report(
-        trials, curves, meta, tmp_path_factory.mktemp("rep"), extra_sections=extra
+        trials,
+        curves,
+        meta,
+        tmp_path_factory.mktemp("rep"),
+        extra_sections=extra,
+        analysis_kwargs={"margin": MARGIN},
     )
 
 
@@ -95,7 +104,7 @@ def test_formatters():
     assert units.fmt_seconds(42.26) == "42.3 s" and units.fmt_seconds(300) == "5.0 min"
     assert units.fmt_seconds(7200) == "2.00 h"
     assert units.fmt_count(1234567) == "1,234,567"
-    assert units.fmt_mean_std(0.85, 0.005) == "0.85 ± 0.005"
+    assert units.fmt_mean_std(0.85, 0.005) == "0.8500 ± 0.0050"  # std 2 sig. digits
     assert units.fmt_mean_std(2 * GIB, 0.0, "bytes") == "2.00 GiB"
 
 
@@ -120,7 +129,9 @@ def test_report_is_self_contained_with_all_sections(built):
         ]
     )
     # the recommendation of stats.analyze, and its reasons
-    assert "Recommended: lora r=16" in html and "Significantly worse: lora r=4" in html
+    assert "Recommended: lora r=16" in html
+    assert "Significantly worse than the best lora r=64" in html and "lora r=4 (p=" in html
+    assert "Margin: 0.03 accuracy, given." in html
     # flags and the problem table (escaped error text)
     assert "lora r=64 seed 2 (diverged)" in html
     assert "CUDA out of memory &lt;tried 8 GiB&gt;" in html and "r256s0" in html
@@ -135,10 +146,12 @@ def test_report_is_self_contained_with_all_sections(built):
 
 def test_report_numbers_come_from_stats(built):
     trials, _, _ = synthetic()
-    r = stats.analyze(trials)
+    r = stats.analyze(trials, margin=MARGIN)
     html = built.read_text()
     g16 = next(g for g in r["groups"] if g["key"]["rank"] == 16)
-    assert f"{stats.fmt_num(g16['mean'])} ± {stats.fmt_num(g16['std'])}" in html
+    assert units.fmt_mean_std(g16["mean"], g16["std"]) == "0.8550 ± 0.0050"
+    assert "0.8550 ± 0.0050" in html
+    assert f"{g16['diff']:+.4f}" == "-0.0040" and "-0.0040" in html  # difference to r=64
     assert r["reason"].split(". ")[0] in html
 
 

@@ -9,7 +9,7 @@ from conftest import tiny_classification_spec
 
 from lorasweep.plan import plan, resolve_alpha
 from lorasweep.run.preflight import check_spec
-from lorasweep.spec import SpecError, parse_spec
+from lorasweep.spec import SpecError, analysis_kwargs, parse_spec
 
 DEMO = {
     "name": "demo",
@@ -135,3 +135,52 @@ def test_world_checks_before_weights(tiny_bert_dir, tiny_csv, tmp_path):
     errs = errors_of(badarg, check=True)
     assert any("training.learning_rat" in e and "TrainingArguments" in e for e in errs)
     assert any("training.seed" in e and "seeds" in e for e in errs)
+
+
+# -- the analysis section: how the results are judged, not how trials run
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"), [(0.01, 0.01), (0, 0.0), (2, 2.0), ("2%", "2%"), (" 0.5% ", "0.5%")]
+)
+def test_analysis_margin_forms(given, stored):
+    spec = parse_spec({**DEMO, "analysis": {"margin": given}})
+    assert spec.analysis.margin == stored
+    assert spec.model_dump(mode="json")["analysis"] == {"margin": stored}
+    assert parse_spec(DEMO).analysis.margin is None  # default: the metric's own
+
+
+@pytest.mark.parametrize("bad", ["abc", -0.5, "150%", "-1%", True, [0.01], float("nan"), ""])
+def test_analysis_margin_bad_value_is_one_line_naming_key_and_value(bad):
+    errs = errors_of({**DEMO, "analysis": {"margin": bad}})
+    assert len(errs) == 1, errs
+    assert errs[0].startswith(f"analysis.margin: {bad!r} must be a number >= 0"), errs
+
+
+def test_analysis_unknown_key_and_errors_alongside_others():
+    errs = errors_of({**DEMO, "analysis": {"margn": 0.01}})
+    assert errs == ["analysis.margn: unknown key (value 0.01)"]
+    errs = errors_of({**DEMO, "seeds": [], "analysis": {"margin": "x"}})
+    assert len(errs) == 2 and any(e.startswith("analysis.margin: 'x'") for e in errs)
+
+
+def test_analysis_is_not_part_of_the_trials():
+    plain = plan(parse_spec(DEMO))
+    judged = plan(parse_spec({**DEMO, "analysis": {"margin": "2%"}}))
+    assert [t.id for t in judged] == [t.id for t in plain]
+    assert [t.config for t in judged] == [t.config for t in plain]
+    assert all("analysis" not in t.config and "margin" not in str(t.config) for t in judged)
+
+
+def test_analysis_kwargs_of_a_recorded_spec():
+    recorded = parse_spec({**DEMO, "analysis": {"margin": "2%"}}).model_dump(mode="json")
+    assert analysis_kwargs(recorded) == {"margin": "2%"}
+    assert analysis_kwargs(recorded, {"metric": "f1", "margin": None}) == {
+        "margin": "2%",
+        "metric": "f1",
+    }
+    assert analysis_kwargs(recorded, {"margin": 0.5}) == {"margin": 0.5}
+    assert analysis_kwargs(recorded, {"tolerance": 0.1}) == {"tolerance": 0.1}  # no both-given
+    assert analysis_kwargs(parse_spec(DEMO).model_dump(mode="json")) == {}
+    assert analysis_kwargs(None, {"cost": None}) == {}
+    assert analysis_kwargs({"name": "an older run"}) == {}  # specs recorded before the section

@@ -194,14 +194,25 @@ class Results:
     # -- statistics
     def analysis(self, **kwargs: Any) -> dict[str, Any]:
         """``stats.analyze`` of the trials; keyword arguments as there (metric, direction, by,
-        cost, tolerance, memory_budget_gb, alpha)."""
-        from lorasweep.analysis.stats import analyze
+        cost, margin, memory_budget_gb, alpha; tolerance is a deprecated alias of an absolute
+        margin).
 
-        return analyze(self.trials, **kwargs)
+        ``margin``: how much worse than the best a cheaper configuration may be and still be
+        recommended, a number in the metric's units (``0.01``) or a percentage of the best mean
+        (``"2%"``). Not given (or None): the spec's ``analysis.margin``, else the metric's
+        default, as in the report and ``lorasweep analyze DIR``.
+        """
+        from lorasweep.analysis.stats import analyze
+        from lorasweep.spec import analysis_kwargs
+
+        with self._store() as store:
+            trials, recorded = store.trials_frame(), store.meta().get("spec")
+        return analyze(trials, **analysis_kwargs(recorded, kwargs))
 
     def summary(self, **kwargs: Any) -> pd.DataFrame:
         """One row per configuration: n, mean, std, 95% CI, adjusted p-value and cost of the
-        metric, marked best / recommended (the table ``format_analysis`` prints)."""
+        metric, marked best / recommended (the table ``format_analysis`` prints). Keyword
+        arguments as ``analysis`` (``margin="2%"``...)."""
         import pandas as pd
 
         from lorasweep.analysis.stats import group_label
@@ -309,7 +320,8 @@ class Results:
     # -- report
     def report(self, **kwargs: Any) -> Path:
         """(Re)write ``out_dir/report.html`` and return its path; keyword arguments go to
-        ``report.build_report`` (``analysis_kwargs``, ``gpu_limits_gb``)."""
+        ``report.build_report`` (``analysis_kwargs``, ``gpu_limits_gb``). The analysis uses the
+        spec's ``analysis.margin`` unless ``analysis_kwargs={"margin": ...}`` overrides it."""
         from lorasweep.analysis.report import write_run_report
 
         path = write_run_report(self.out_dir, **kwargs)

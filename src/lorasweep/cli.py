@@ -86,6 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _print_outcome(outcome: Any) -> None:
     from lorasweep.analysis.stats import analyze, format_analysis
+    from lorasweep.spec import analysis_kwargs
     from lorasweep.store import open_store
 
     st = ", ".join(f"{n} {s}" for s, n in sorted(outcome.statuses.items()))
@@ -94,9 +95,10 @@ def _print_outcome(outcome: Any) -> None:
         f"{outcome.skipped} already recorded ({st}). Results in {outcome.out_dir}"
     )
     with open_store(outcome.out_dir) as store:
-        df, prune_state = store.trials_frame(), store.meta().get("prune")
+        df, meta = store.trials_frame(), store.meta()
+    prune_state = meta.get("prune")
     try:
-        print(format_analysis(analyze(df)))
+        print(format_analysis(analyze(df, **analysis_kwargs(meta.get("spec")))))
     except ValueError as e:
         print(f"(no analysis: {e})")
     if prune_state:
@@ -161,40 +163,58 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _margin_option(args: argparse.Namespace) -> str | None:
+    """``--margin`` checked before anything loads: one line naming it and the value."""
+    from lorasweep.analysis.decision import parse_margin
+
+    try:
+        parse_margin(args.margin, key="--margin")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return args.margin
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
+    margin = _margin_option(args)  # before anything loads
+    if margin is not None and args.tolerance is not None:
+        raise UserError("--tolerance: use --margin; both were given")
     from lorasweep.analysis.stats import analyze, format_analysis, load_trials_table
+    from lorasweep.spec import analysis_kwargs
 
     src = Path(args.source)
+    recorded = None  # a run folder's spec: its analysis section gives the defaults
     if src.is_dir():
         from lorasweep.store import open_store
 
         with open_store(src) as store:
-            df = store.trials_frame()
+            df, recorded = store.trials_frame(), store.meta().get("spec")
     elif src.exists():
         df = load_trials_table(src)
     else:
         raise UserError(f"SOURCE: not a run folder or a CSV/JSON file: {args.source}")
     by = [c for c in args.by.split(",") if c] if args.by else None
-    result = analyze(
-        df,
-        metric=args.metric,
-        direction=args.direction,
-        by=by,
-        cost=args.cost,
-        tolerance=args.tolerance,
-        memory_budget_gb=args.memory_budget,
-    )
+    given = {
+        "metric": args.metric,
+        "direction": args.direction,
+        "by": by,
+        "cost": args.cost,
+        "margin": margin,
+        "tolerance": args.tolerance,  # deprecated alias of an absolute margin
+        "memory_budget_gb": args.memory_budget,
+    }
+    result = analyze(df, **analysis_kwargs(recorded, given))
     print(json.dumps(result, indent=2) if args.json else format_analysis(result))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    margin = _margin_option(args)  # before anything loads; None: the spec's analysis.margin
     from lorasweep.analysis.report import write_run_report
     from lorasweep.store import open_store
 
     with open_store(args.dir) as store:
         rows = store.trials()
-    path = write_run_report(args.dir)
+    path = write_run_report(args.dir, analysis_kwargs={"margin": margin})
     if path is None:
         counts: dict[str, int] = {}
         for t in rows:

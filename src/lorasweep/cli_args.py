@@ -101,14 +101,31 @@ def _analyze_command(sub: Any) -> None:
     s.add_argument("--direction", choices=["min", "max"])
     s.add_argument("--by", help="grouping columns, comma separated (default: variant,rank)")
     s.add_argument("--cost", help="cost column (default: train_seconds)")
-    s.add_argument("--tolerance", type=float, help="accept configs within this metric distance")
+    _margin_arg(s)
+    s.add_argument(
+        "--tolerance",
+        type=float,
+        help="deprecated: use --margin (the same, in metric units)",
+    )
     s.add_argument("--memory-budget", type=float, help="GB")
     s.add_argument("--json", action="store_true")
+
+
+def _margin_arg(s: argparse.ArgumentParser) -> None:
+    # kept as text here: the command checks it first, one `lorasweep: error:` line when bad
+    s.add_argument(
+        "--margin",
+        default=None,
+        help="recommend a cheaper configuration no worse than the best by more than this: a "
+        "number in the metric's units, or a percentage of the best mean like 2%% (default: "
+        "the spec's analysis.margin, else the metric's default)",
+    )
 
 
 def _report_command(sub: Any) -> None:
     s = sub.add_parser("report", help="write DIR/report.html")
     s.add_argument("dir")
+    _margin_arg(s)
 
 
 def _estimate_command(sub: Any) -> None:

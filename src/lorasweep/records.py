@@ -9,6 +9,7 @@ Metric names (keys of ``TrialResult.metrics`` and columns of ``Store.trials_fram
 ``perplexity``                 causal LM: exp(token-weighted mean NLL over the eval set)
 ``eval_loss``                  mean eval loss (token-weighted for causal LM)
 ``eval_tokens``                causal LM: number of target tokens scored in eval
+``majority_rate``              classification: share of the most frequent label in the eval set
 ``train_loss``                 mean training loss over the last logging window
 ``train_seconds``              wall seconds of the training loop alone
 ``load_seconds``               wall seconds of loading data, model and peft wrapping
@@ -31,12 +32,16 @@ Metric names (keys of ``TrialResult.metrics`` and columns of ``Store.trials_fram
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
+
+import numpy as np
 
 
 class TrialStatus(str, enum.Enum):
@@ -101,6 +106,85 @@ def eval_curve(metric: str) -> str:
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no whitespace: the basis of trial ids."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example eval outcomes (``TrialResult.artifacts["eval_outcomes"]``), compact JSON. Example i
+# is the same eval example in every trial of a sweep (the eval set and its order are fixed).
+#   {"kind": "correct", "n": N, "correct": b64(np.packbits(bool[N]))}         classification
+#   {"kind": "nll", "n": N, "nll": b64('<f4'[N]), "tokens": b64('<i4'[N])}    causal LM
+# nll: summed next-token NLL of the example in nats; tokens: its number of target tokens.
+
+OUTCOME_FIELDS: dict[str, tuple[str, ...]] = {"correct": ("correct",), "nll": ("nll", "tokens")}
+
+
+def encode_outcomes(kind: str, **arrays: Any) -> dict[str, Any]:
+    """``encode_outcomes("correct", correct=bools)`` or ``encode_outcomes("nll", nll=sums,
+    tokens=counts)``: one value per eval example, as a JSON-ready dict (nll stored as float32).
+
+    Raises:
+        ValueError: one line, for an unknown kind, missing or extra arrays, or unequal lengths.
+    """
+    fields = OUTCOME_FIELDS.get(kind)
+    if fields is None:
+        raise ValueError(f"eval outcomes: unknown kind {kind!r} (expected 'correct' or 'nll')")
+    if set(arrays) != set(fields):
+        raise ValueError(f"eval outcomes: kind {kind!r} takes {fields}, got {tuple(arrays)}")
+    arrs = {k: np.asarray(v) for k, v in arrays.items()}
+    n = len(arrs[fields[0]]) if arrs[fields[0]].ndim == 1 else -1
+    if any(a.ndim != 1 or len(a) != n for a in arrs.values()):
+        shapes = {k: a.shape for k, a in arrs.items()}
+        raise ValueError(f"eval outcomes: arrays must be 1-D and of one length, got {shapes}")
+    out: dict[str, Any] = {"kind": kind, "n": n}
+    if kind == "correct":
+        out["correct"] = _b64(np.packbits(arrs["correct"].astype(bool)).tobytes())
+        return out
+    tokens = arrs["tokens"]
+    if n and (tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max):
+        raise ValueError("eval outcomes: token counts must be in 0 .. 2**31-1")
+    out["nll"] = _b64(arrs["nll"].astype("<f4").tobytes())
+    out["tokens"] = _b64(tokens.astype("<i4").tobytes())
+    return out
+
+
+def decode_outcomes(d: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The arrays of :func:`encode_outcomes`: ``{"correct": bool[N]}`` or ``{"nll": float64[N],
+    "tokens": int64[N]}``.
+
+    Raises:
+        ValueError: one line, for a malformed dict (kind, n, base64 text or lengths).
+    """
+    if not isinstance(d, Mapping):
+        raise ValueError(f"eval outcomes: expected a dict, got {type(d).__name__}")
+    kind, n = d.get("kind"), d.get("n")
+    fields = OUTCOME_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise ValueError(f"eval outcomes: unknown kind {kind!r} (expected 'correct' or 'nll')")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"eval outcomes: n must be an integer >= 0, got {n!r}")
+    raw = {}
+    for k in fields:
+        text = d.get(k)
+        if not isinstance(text, str):
+            raise ValueError(f"eval outcomes: {k!r} must be base64 text, got {type(text).__name__}")
+        try:
+            raw[k] = base64.b64decode(text.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise ValueError(f"eval outcomes: {k!r} is not valid base64") from None
+        size = (n + 7) // 8 if kind == "correct" else 4 * n
+        if len(raw[k]) != size:
+            raise ValueError(f"eval outcomes: {k!r} holds {len(raw[k])} bytes, n={n} needs {size}")
+    if kind == "correct":
+        bits = np.unpackbits(np.frombuffer(raw["correct"], dtype=np.uint8), count=n)
+        return {"correct": bits.astype(bool)}
+    return {
+        "nll": np.frombuffer(raw["nll"], dtype="<f4").astype(np.float64),
+        "tokens": np.frombuffer(raw["tokens"], dtype="<i4").astype(np.int64),
+    }
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lorasweep.analysis.decision import parse_margin
 from lorasweep.plan import adalora_schedule, merge_adapter, plan
 from lorasweep.records import Trial
 
@@ -152,6 +153,22 @@ class GridSpec(_Strict):
         return v
 
 
+class AnalysisSpec(_Strict):
+    """How the results are judged: read by the report and ``lorasweep analyze`` on the run folder,
+    never part of a trial's configuration (changing it trains nothing again)."""
+
+    margin: float | str | None = None
+    """how much worse than the best a configuration may be and still be recommended: a number
+    >= 0 in the metric's units, or a percentage of the best mean like "2%". Default: the
+    metric's own (see "Analysis"). ``--margin`` of analyze and report overrides it."""
+
+    @field_validator("margin", mode="before")
+    @classmethod
+    def _margin(cls, v: Any) -> Any:
+        parse_margin(v, key="analysis.margin")  # one line naming the key and the value
+        return v.strip() if isinstance(v, str) else v
+
+
 class SweepSpec(_Strict):
     """A whole sweep: one base model, one task, one dataset, a grid of adapters, seeds."""
 
@@ -169,6 +186,8 @@ class SweepSpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0])
     report_to: list[str] = Field(default_factory=list)
     """tracking integrations passed to the Trainer: wandb, mlflow, tensorboard."""
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    """how the report judges the results (the recommendation's margin); not a trial setting."""
 
     @field_validator("name")
     @classmethod
@@ -208,6 +227,21 @@ class SweepSpec(_Strict):
         return plan(self)
 
 
+def analysis_kwargs(
+    recorded_spec: dict[str, Any] | None, given: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The keyword arguments of ``stats.analyze`` for a run: the ``analysis:`` section of its
+    recorded spec (the store's ``meta["spec"]``), overridden by those ``given`` that are not
+    None (the command line, the API). A given ``margin`` or ``tolerance`` replaces the spec's
+    margin."""
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    section = (recorded_spec or {}).get("analysis") or {}
+    defaults = {k: v for k, v in section.items() if v is not None}
+    if "margin" in given or "tolerance" in given:
+        defaults.pop("margin", None)
+    return {**defaults, **given}
+
+
 # Keys of TrainingArguments that lorasweep sets itself for every trial.
 RESERVED_TRAINING_KEYS = {
     "output_dir": "set by lorasweep per trial",
@@ -235,7 +269,9 @@ def _pydantic_errors(exc: ValidationError) -> list[str]:
         loc = tuple(p for p in e["loc"] if p not in ("float", "str", "list[str]", "int"))
         key = _fmt_loc(loc) or "spec"
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if msg.startswith(f"{key}: "):  # a validator that names its key and value itself
+            lines.append(msg)
+        elif e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key (value {e['input']!r})")
         elif e["type"] == "missing":
             lines.append(f"{key}: required key is missing")

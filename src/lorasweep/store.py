@@ -230,9 +230,25 @@ class Store:
 
     # -- frames for stats / plots / report (pandas imported lazily)
     def trials_frame(self, trials: list[dict[str, Any]] | None = None) -> Any:
-        """One row per trial, one column per metric; ``trials`` reuses rows already read."""
+        """One row per trial, one column per metric; ``trials`` reuses rows already read.
+
+        Also ``eval_outcomes`` (the artifact as stored, or None; ``records.decode_outcomes``
+        reads it) and ``train_loss_start`` / ``train_loss_end``: the train_loss curve at its
+        first and last step (None without one)."""
         import pandas as pd
 
+        ends: dict[str, dict[str, Any]] = {}
+        for r in self._db.execute(
+            "SELECT c.trial_id, c.step = m.lo AS first, c.step = m.hi AS last, c.value"
+            " FROM curves c JOIN (SELECT trial_id, MIN(step) AS lo, MAX(step) AS hi FROM curves"
+            " WHERE curve = 'train_loss' GROUP BY trial_id) m ON c.trial_id = m.trial_id"
+            " WHERE c.curve = 'train_loss' AND (c.step = m.lo OR c.step = m.hi)"
+        ):
+            end = ends.setdefault(r["trial_id"], {})
+            if r["first"]:
+                end["train_loss_start"] = r["value"]
+            if r["last"]:
+                end["train_loss_end"] = r["value"]
         rows = []
         for t in self.trials() if trials is None else trials:
             ad = t["config"].get("adapter", {})
@@ -252,6 +268,10 @@ class Store:
                 v = ad.get(c)
                 row[c] = ",".join(v) if isinstance(v, list) else v
             row.update(t["metrics"])
+            row["eval_outcomes"] = (t.get("artifacts") or {}).get("eval_outcomes")
+            end = ends.get(t["id"], {})
+            row["train_loss_start"] = end.get("train_loss_start")
+            row["train_loss_end"] = end.get("train_loss_end")
             rows.append(row)
         return pd.DataFrame(rows)
 

@@ -1,7 +1,8 @@
 """The test of a configuration against a reference, shared by the two places that compare
 configurations across seeds:
 
-- ``stats.analyze``: every configuration against the best, two-sided, Holm-adjusted;
+- ``stats.analyze`` reports a two-sided test of every configuration against the best (its
+  decision is made by ``decision.mcb``);
 - the pruning rungs (``decide_rung``, here): a candidate against the rung's best, one-sided
   ("worse by more than a margin"), Holm-adjusted across the rung's candidates.
 
@@ -34,18 +35,12 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy import stats as sps
-from statsmodels.stats.multitest import multipletests
 
 # Family-wise significance level of the Holm-adjusted tests (analyze, pruning rungs).
 ALPHA = 0.05
 # A paired t on 2 seeds has 1 degree of freedom (critical t = 12.7): with fewer common seeds
 # than this, Welch on all the values of both configurations is the more powerful test.
 MIN_PAIRS = 3
-# "Not significantly worse" is evidence of being as good only when the test could have found a
-# difference: with fewer seeds than this on either side, a configuration that measured worse by
-# more than one pooled standard deviation is not accepted on a non-significant test alone (a
-# tolerance can still accept it), and the reason warns that the test has little power.
-MIN_SEEDS_FOR_EQUIVALENCE = 3
 
 Alternative = Literal["two-sided", "greater"]
 ZeroSpread = Literal["exact", "close"]
@@ -126,9 +121,24 @@ def _by_gap(gap: float, alternative: Alternative) -> float:
 
 def holm(p_values: Sequence[float], alpha: float) -> tuple[list[bool], list[float]]:
     """Holm's step-down over one family of tests: (rejected at ``alpha``, adjusted p-values),
-    in the order given."""
-    reject, adjusted, _, _ = multipletests(list(p_values), alpha=alpha, method="holm")
-    return [bool(r) for r in reject], [float(p) for p in adjusted]
+    in the order given. A NaN p-value stays NaN, is never rejected and still counts in the
+    family size (as statsmodels does). Checked against
+    ``statsmodels.stats.multitest.multipletests(method="holm")`` in the tests; written out here
+    because that function runs a full garbage collection on every call (160 ms, which the
+    decision benchmark's thousands of calls cannot afford)."""
+    p = np.asarray(list(p_values), float)
+    ok = ~np.isnan(p)
+    adjusted = np.full(len(p), np.nan)
+    valid = p[ok]
+    m = len(valid)
+    if m:
+        order = np.argsort(valid, kind="mergesort")
+        steps = np.maximum.accumulate((len(p) - np.arange(m)) * valid[order])
+        adj = np.empty(m)
+        adj[order] = np.minimum(steps, 1.0)
+        adjusted[ok] = adj
+    reject = [bool(a <= alpha) if not math.isnan(a) else False for a in adjusted]
+    return reject, [float(a) for a in adjusted]
 
 
 # ----------------------------------------------------------------------------- analyze's groups
@@ -158,13 +168,17 @@ def key_scalar(v: Any) -> Any:
 
 # the fields of a group in ``analyze``'s output, in their order there
 PUBLIC_FIELDS = ("key", "n", "mean", "std", "ci95", "p_value", "p_adjusted", "test",
-                 "significantly_worse", "cost")  # fmt: skip
+                 "significantly_worse", "cost", "reference", "diff", "diff_bound", "diff_ci",
+                 "within_margin", "diff_ci_examples", "seeds_diverged", "seeds_failed",
+                 "seeds_collapsed", "learned", "eligible", "note")  # fmt: skip
 
 
 @dataclass(eq=False)
 class Group:
-    """One configuration in ``stats.analyze``: its complete trials, its test against the best,
-    and what the recommendation weighs. ``to_dict()`` is its JSON form (``PUBLIC_FIELDS``)."""
+    """One configuration in ``stats.analyze``: its complete trials, its comparison with the
+    best of the others, and what the recommendation weighs. ``to_dict()`` is its JSON form
+    (``PUBLIC_FIELDS``); differences are in the metric's units, this configuration minus its
+    reference."""
 
     key: dict[str, Any]
     """the grouping columns' values, e.g. ``{"variant": "lora", "rank": 16}``"""
@@ -172,25 +186,48 @@ class Group:
     mean: float
     std: float | None
     ci95: list[float] | None
+    """95% t interval of the mean over seeds on the fixed eval set (clipped to [0, 1] for
+    proportions)"""
     cost: float | None
     """mean of the cost column (None when not measured)"""
     seeds: list[Any] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
     """the metric per seed, in the order of ``seeds``"""
+    costs: list[float] = field(default_factory=list)
+    """the cost per trial (finite values only)"""
     mem: float | None = None
     """peak memory in bytes (largest over the trials)"""
     params: float | None = None
     rank: float | None = None
-    # filled by the test against the best
+    outcomes: dict[Any, Any] = field(default_factory=dict)
+    """seed -> the trial's per-example eval outcomes (``records.encode_outcomes``), if stored"""
+    # the test against the best (two-sided, Holm-adjusted across the configurations)
     p_value: float | None = None
     p_adjusted: float | None = None
     test: str | None = None
     significantly_worse: bool = False
-    # filled by the acceptance rule
-    ok: bool = False
-    """acceptable: the best, not significantly worse (with power), or within the tolerance"""
-    underpowered: bool = False
-    """not significantly worse, but on too few seeds while measured clearly worse"""
+    # the comparison with the best of the others (Hsu's MCB)
+    reference: dict[str, Any] | None = None
+    diff: float | None = None
+    diff_bound: float | None = None
+    """the worst end of the simultaneous 95% interval of ``diff`` (a lower bound when higher is
+    better, an upper bound when lower is better)"""
+    diff_ci: list[float] | None = None
+    """the simultaneous 95% interval of ``diff`` (Hsu's constrained MCB interval, contains 0)"""
+    within_margin: bool = False
+    diff_ci_examples: list[float] | None = None
+    """95% bootstrap interval of ``diff`` over eval examples and seeds (paired)"""
+    # instability and learning
+    seeds_diverged: int = 0
+    seeds_failed: int = 0
+    seeds_collapsed: int = 0
+    learned: bool | None = None
+    """False: at the majority-class rate, or a training loss that never left its start"""
+    # the recommendation
+    eligible: bool = False
+    """within the margin, replicated, stable, learned and within the memory budget"""
+    note: str | None = None
+    """why it is not eligible, in words"""
     fits: bool = True
     """within the memory budget (or none given, or memory not measured)"""
 
@@ -202,7 +239,10 @@ class Group:
         out: dict[str, Any] = {"key": self.key}
         for name in PUBLIC_FIELDS[1:]:
             v = getattr(self, name)
-            out[name] = [json_scalar(x) for x in v] if isinstance(v, list) else json_scalar(v)
+            if isinstance(v, dict):
+                out[name] = {k: json_scalar(x) for k, x in v.items()}
+            else:
+                out[name] = [json_scalar(x) for x in v] if isinstance(v, list) else json_scalar(v)
         return out
 
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-import numpy as np
-import pandas as pd
-
-from lorasweep.analysis.compare import (
-    MIN_SEEDS_FOR_EQUIVALENCE,
-    Group,
-    json_scalar,
-    key_scalar,
+from lorasweep.analysis.compare import Group
+from lorasweep.analysis.decision import Design, Margin
+from lorasweep.analysis.units import (
+    decimals_for,
+    fmt_count,
+    fmt_fixed,
+    fmt_gib,
+    fmt_mean_std,
+    fmt_num,
+    fmt_p,
+    fmt_seconds_whole,
 )
-from lorasweep.analysis.units import fmt_count, fmt_gib, fmt_num, fmt_seconds_whole
 
 
 def group_label(key: dict[str, Any]) -> str:
@@ -38,9 +40,25 @@ class Context(NamedTuple):
     direction: str
     cost: str | None
     mem: str | None
-    tolerance: float | None
+    margin: Margin
+    margin_abs: float
     budget_gb: float | None
     alpha: float
+    design: Design
+
+
+class Decision(NamedTuple):
+    """What the rule decided: the recommendation (None when there is none) and how."""
+
+    recommended: Group | None
+    criterion: str | None
+    """"cost" (the cheapest eligible) or "cost tie" (tied within the measured spread)"""
+    tied: list[Group]
+    """the eligible configurations whose cost was tied with the recommended one"""
+    seeds_needed: int | None
+    """seeds per configuration to show the margin at the observed noise"""
+    blocked_by: Group | None
+    """a cheaper configuration that measured better but lacks the evidence (no recommendation)"""
 
 
 def _fmt_cost(v: float | None, cost: str | None) -> str:
@@ -56,103 +74,52 @@ def _fmt_cost(v: float | None, cost: str | None) -> str:
     return f"{cost} {fmt_num(v)}"
 
 
-def _row_label(row: pd.Series, cols: list[str]) -> str:
-    return f"{group_label({c: key_scalar(row[c]) for c in cols})} seed {json_scalar(row['seed'])}"
-
-
-def trial_flags(df: pd.DataFrame, metric: str, cols: list[str]) -> list[str]:
-    flags = []
-    nan_metric = (df["status"] == "complete") & ~np.isfinite(df[metric])
-    unstable = [
-        f"{_row_label(r, cols)} ({'diverged' if r['status'] == 'diverged' else metric + ' is NaN'})"
-        for _, r in df[(df["status"] == "diverged") | nan_metric].iterrows()
-    ]
-    if unstable:
-        flags.append(
-            "Unstable runs, excluded from the means (not counted as worse): "
-            + "; ".join(unstable)
-            + "."
-        )
-    for statuses, what in (
-        (("failed", "oom"), "Failed or out-of-memory trials"),
-        (("pruned",), "Pruned trials"),
-    ):
-        rows = df[df["status"].isin(statuses)]
-        if len(rows):
-            items = []
-            for _, r in rows.iterrows():
-                err = str(r["error"]).strip().splitlines()[0][:80] if r["error"] else ""
-                items.append(f"{_row_label(r, cols)} ({r['status']}{': ' + err if err else ''})")
-            flags.append(f"{what}, not included: " + "; ".join(items) + ".")
-    pending = int(df["status"].isin(["pending", "running"]).sum())
-    if pending:
-        flags.append(f"{pending} trial(s) still pending or running: the results are incomplete.")
-    for variant, g in df.groupby("variant"):
-        ranks = sorted(g["rank"].dropna().unique())
-        if len(ranks) < 2:
-            continue
-        policies = set(g["alpha_policy"].dropna().astype(str)) if "alpha_policy" in g else set()
-        alphas = set(pd.to_numeric(g["alpha"], errors="coerce").dropna()) if "alpha" in g else set()
-        fixed = any(p.startswith("fixed") for p in policies) or (not policies and len(alphas) == 1)
-        if fixed and len(alphas) == 1:
-            a = alphas.pop()
-            flags.append(
-                f"Fixed alpha={a:g} across ranks {ranks[0]:g}-{ranks[-1]:g} of {variant}: the "
-                f"scale alpha/r changes from {a / ranks[0]:.3g} to {a / ranks[-1]:.3g}, so rank "
-                "and scale are confounded (use alpha_policy rank, 2*rank or rslora)."
-            )
-        elif fixed:
-            flags.append(
-                f"Fixed alpha across the ranks of {variant}: the scale alpha/r changes "
-                "with rank, so rank and scale are confounded."
-            )
-    return flags
-
-
-def group_flags(groups: list[Group], best: Group, metric: str, cols: list[str]) -> list[str]:
-    flags = []
-    single = [group_label(g.key) for g in groups if g.n == 1]
-    if single:
-        flags.append(
-            "Single seed (no variance estimate, not tested against the best): "
-            + ", ".join(single)
-            + "."
-        )
-    means = np.array([g.mean for g in groups])
-    spread = float(means.max() - means.min()) if len(groups) > 1 else 0.0
-    noisy = []
-    for g in groups:
-        if g.std is None:
-            continue
-        cv = g.std / abs(g.mean) if g.mean else math.inf
-        if cv > 0.10 or (spread > 0 and g.std > spread):
-            noisy.append(f"{group_label(g.key)} (std {fmt_num(g.std)}, CV {cv:.0%})")
-    if noisy:
-        flags.append(
-            f"High variance across seeds (CV > 10% or std above the {fmt_num(spread)} "
-            "spread between configurations): " + "; ".join(noisy) + "."
-        )
-    var = [g.std**2 for g in groups if g.std is not None]
-    if len(groups) > 2 and var and math.sqrt(np.mean(var)) > np.std(means, ddof=1):
-        flags.append(
-            f"Seed noise (pooled std {fmt_num(math.sqrt(np.mean(var)))}) exceeds the "
-            f"spread of the configuration means (std {fmt_num(np.std(means, ddof=1))}): "
-            f"the {metric} differences are mostly noise."
-        )
-    return flags
-
-
 def gain_per_doubling(a: Group, b: Group, sign: float) -> float:
     """Change of the metric from group ``a`` to the larger-rank group ``b`` per doubling of
     rank, signed so that positive is an improvement."""
     return sign * (b.mean - a.mean) / math.log2(b.key["rank"] / a.key["rank"])
 
 
-def reason(groups: list[Group], best: Group, rec: Group | None, c: Context) -> str:
-    """The recommendation and why, the tests' verdicts, the gain per doubling of rank, the next
-    larger rank and what is over the memory budget, in sentences."""
-    out = [_verdict(best, rec, c)]
-    out += _test_sentences(groups, best, c)
+def reason(groups: list[Group], best: Group, d: Decision, c: Context) -> str:
+    """The recommendation and why, the margin, the noise model, who is within the margin, who
+    is worse, who is unstable, the eval set's own sampling error, the gain per doubling of rank,
+    the next larger rank and what is over the memory budget, in sentences."""
+    rec = d.recommended
+    out = [_verdict(groups, best, d, c), _margin_sentence(c)]
+    out += _comparison_sentences(groups, best, c)
+    if d.criterion == "cost tie" and rec is not None:
+        exact = all(g.cost == rec.cost for g in d.tied)
+        how = (
+            "exactly"
+            if exact
+            else f"within the measured spread of {c.cost} (a 95% interval of the difference "
+            "that contains 0)"
+        )
+        out.append(
+            f"{group_label(rec.key)} cost the same as "
+            + ", ".join(group_label(g.key) for g in d.tied)
+            + f" {how}; the tie went to fewer trainable parameters, then the lower rank."
+        )
+    unstable = [g for g in groups if g.seeds_diverged or g.seeds_collapsed or g.learned is False]
+    if unstable:
+        out.append(
+            "Not recommended whatever their mean: "
+            + "; ".join(f"{group_label(g.key)} ({_unstable_why(g)})" for g in unstable)
+            + "."
+        )
+    if rec is not None and rec.diff_ci_examples is not None and rec is not best:
+        lo, hi = rec.diff_ci_examples
+        places = decimals_for(c.design.sigma) or 4
+        out.append(
+            f"Over eval examples as well as seeds (paired bootstrap), the difference of "
+            f"{group_label(rec.key)} to {group_label(rec.reference or {})} is "
+            f"[{fmt_fixed(lo, places, signed=True)}, {fmt_fixed(hi, places, signed=True)}]"
+            + (
+                ": another eval set of this size could move it by more than the margin."
+                if hi - lo > 2 * c.margin_abs
+                else "."
+            )
+        )
     out += _rank_sentences(groups, rec, c)
     over = [g for g in groups if not g.fits]
     if over:
@@ -164,58 +131,136 @@ def reason(groups: list[Group], best: Group, rec: Group | None, c: Context) -> s
     return " ".join(out)
 
 
+def _unstable_why(g: Group) -> str:
+    parts = []
+    if g.seeds_diverged:
+        parts.append(f"{g.seeds_diverged} seed(s) diverged")
+    if g.seeds_collapsed:
+        parts.append(f"{g.seeds_collapsed} of {g.n} seeds collapsed")
+    if g.learned is False:
+        parts.append("did not learn")
+    return ", ".join(parts)
+
+
+def _ratio(new: float, old: float) -> str:
+    """'+4%' for small changes, '2.3x' from 1.5x on; never '1x'."""
+    r = new / old
+    return f"{r:.2g}x" if r >= 1.5 or r <= 0.5 else f"{(r - 1) * 100:+.0f}%"
+
+
 def _desc(g: Group, metric: str) -> str:
-    sd = f" ± {fmt_num(g.std)}" if g.std is not None else ""
-    return f"{metric} {fmt_num(g.mean)}{sd} (n={g.n})"
+    return f"{metric} {fmt_mean_std(g.mean, g.std)} (n={g.n})"
 
 
-def _verdict(best: Group, rec: Group | None, c: Context) -> str:
-    """What is recommended and why: the reason's first sentences."""
-    if rec is None:
-        return (
-            f"No configuration is both acceptable and within the {c.budget_gb:g} GiB memory budget."
-        )
-    if rec is best:
-        return (
-            f"Recommended {group_label(rec.key)}: the best configuration, {_desc(rec, c.metric)}"
-            + (f", at {_fmt_cost(rec.cost, c.cost)}." if c.cost else ".")
-        )
-    diff = rec.mean - best.mean
-    if rec.p_adjusted is not None and not rec.significantly_worse:
-        why = f"not significantly worse ({rec.test}, Holm-adjusted p={rec.p_adjusted:.3g})"
-    else:
-        why = f"within the tolerance of {c.tolerance:g}"
-    ratio = f" ({best.cost / rec.cost:.2g}x cheaper)" if rec.cost and best.cost else ""
-    out = (
-        f"Recommended {group_label(rec.key)}: the cheapest configuration by {c.cost} that is "
-        f"{why} than the best. It reaches {_desc(rec, c.metric)}, {diff:+.4g} vs the best "
-        f"{group_label(best.key)} at {_desc(best, c.metric)}, for {_fmt_cost(rec.cost, c.cost)} "
-        f"instead of {_fmt_cost(best.cost, c.cost)}{ratio}."
+def _diff_text(g: Group, c: Context) -> str:
+    """'-0.012 (bound -0.031)': the difference to its reference and its worst 95% end."""
+    places = decimals_for(c.design.sigma) or decimals_for(c.margin_abs)
+    return (
+        f"{fmt_fixed(g.diff, places, signed=True)} "
+        f"(bound {fmt_fixed(g.diff_bound, places, signed=True)})"
     )
-    pairs = min(rec.n, best.n)
-    if not rec.significantly_worse and pairs < MIN_SEEDS_FOR_EQUIVALENCE:
-        out += f" With {pairs} seeds the test has little power: run more seeds to confirm."
-    return out
 
 
-def _test_sentences(groups: list[Group], best: Group, c: Context) -> list[str]:
-    """Which configurations the tests could not tell from the best, and which are worse."""
-    same = [
-        f"{group_label(g.key)} (p={g.p_adjusted:.2g})"
-        for g in groups
-        if g is not best and g.p_adjusted is not None and not g.significantly_worse
+def _verdict(groups: list[Group], best: Group, d: Decision, c: Context) -> str:
+    """What is recommended and why: the reason's first sentence."""
+    rec = d.recommended
+    m = c.margin.describe() if c.margin.relative else f"{c.margin_abs:g}"
+    if rec is None:
+        return _no_recommendation(groups, best, d, c)
+    by = f"by {c.cost}" if c.cost else "by trainable parameters, then rank"
+    if len(groups) == 1:
+        return f"Recommended {group_label(rec.key)}: the only one, {_desc(rec, c.metric)}."
+    head = f"Recommended {group_label(rec.key)}: the cheapest ({by}) of the configurations "
+    head += f"shown to be within the {m} margin of the best; {_desc(rec, c.metric)}"
+    if rec is best:
+        return head + ", the best measured."
+    ref = f"{group_label(rec.key)} - {group_label(rec.reference or {})}"
+    costs = ""
+    if c.cost and rec.cost != best.cost:
+        costs = f"; {_fmt_cost(rec.cost, c.cost)} instead of {_fmt_cost(best.cost, c.cost)}"
+    return (
+        head + f". Difference {ref}: {_diff_text(rec, c)}; the best is {group_label(best.key)} "
+        f"at {_desc(best, c.metric)}" + costs + "."
+    )
+
+
+def _no_recommendation(groups: list[Group], best: Group, d: Decision, c: Context) -> str:
+    m = c.margin.describe() if c.margin.relative else f"{c.margin_abs:g}"
+    need = (
+        f" To show a {m} margin at this noise you need about {d.seeds_needed} seeds per "
+        "configuration (if the configurations are truly equal)."
+        if d.seeds_needed
+        else ""
+    )
+    if d.blocked_by is not None:
+        g = d.blocked_by
+        return (
+            f"No recommendation: {group_label(g.key)} is cheaper and measured better than every "
+            f"configuration shown to be within the margin, but {g.note or 'lacks evidence'}; "
+            "run more seeds of it." + need
+        )
+    if all(g.learned is False for g in groups):
+        return (
+            "No recommendation: no configuration learned (accuracy at the majority-class rate "
+            "of the eval set, or a training loss that never left its start)."
+        )
+    if all(g.n < 2 for g in groups):
+        return (
+            "No recommendation: one seed per configuration gives no estimate of the noise, so "
+            "no difference can be bounded; run at least 3 seeds per configuration."
+        )
+    within = [g for g in groups if g.within_margin]
+    if within and all(not g.fits for g in within):
+        return (
+            f"No recommendation: no configuration within the margin fits the {c.budget_gb:g} "
+            "GiB memory budget."
+        )
+    if within:
+        return (
+            "No recommendation: every configuration shown to be within the margin is unstable, "
+            "single-seed or did not learn (below)." + need
+        )
+    return (
+        f"No recommendation: at this noise no configuration, not even the best measured "
+        f"{group_label(best.key)} ({_desc(best, c.metric)}), is shown to be within the {m} "
+        "margin of the best of the others." + need
+    )
+
+
+def _margin_sentence(c: Context) -> str:
+    how = "default for this metric; set with --margin" if not c.margin.given else "given"
+    if c.margin.relative:
+        amount = f"{c.margin.describe()} of the best mean = {c.margin_abs:.3g}"
+    else:
+        amount = f"{c.margin_abs:g}"
+    return (
+        f"Margin: {amount} {c.metric} ({how}). Bounds are simultaneous 95% (Hsu's comparisons "
+        f"with the best), over seeds on the fixed eval set; noise from a {c.design.describe()}."
+    )
+
+
+def _comparison_sentences(groups: list[Group], best: Group, c: Context) -> list[str]:
+    """Who is within the margin, who is not shown to be, and who is significantly worse."""
+    others = [g for g in groups if g is not best and g.diff_bound is not None]
+    within = [f"{group_label(g.key)} {_diff_text(g, c)}" for g in others if g.within_margin]
+    outside = [
+        f"{group_label(g.key)} {_diff_text(g, c)}"
+        for g in others
+        if not g.within_margin and not g.significantly_worse
     ]
     worse = [
-        f"{group_label(g.key)} ({g.mean - best.mean:+.3g}, p={g.p_adjusted:.2g})"
-        for g in groups
-        if g.significantly_worse
+        f"{group_label(g.key)} (p={fmt_p(g.p_adjusted)})" for g in groups if g.significantly_worse
     ]
-    out = [
-        f"Indistinguishable from the best {group_label(best.key)} at alpha={c.alpha:g} "
-        "after Holm: " + (", ".join(same) if same else "none") + "."
-    ]
+    out = []
+    if within:
+        out.append("Within the margin of the best: " + ", ".join(within) + ".")
+    if outside:
+        out.append("Not shown to be within the margin: " + ", ".join(outside) + ".")
     if worse:
-        out.append("Significantly worse: " + ", ".join(worse) + ".")
+        out.append(
+            f"Significantly worse than the best {group_label(best.key)} (two-sided, Holm, "
+            f"alpha={c.alpha:g}): " + ", ".join(worse) + "."
+        )
     return out
 
 
@@ -261,7 +306,7 @@ def _rank_sentences(groups: list[Group], rec: Group | None, c: Context) -> list[
         cost_txt = (
             (
                 f"cost {_fmt_cost(nx.cost, c.cost)} instead of {_fmt_cost(rec.cost, c.cost)}"
-                + (f" ({nx.cost / rec.cost:.2g}x)" if nx.cost and rec.cost else "")
+                + (f" ({_ratio(nx.cost, rec.cost)})" if nx.cost and rec.cost else "")
             )
             if c.cost
             else "cost more"
@@ -277,14 +322,20 @@ def _rank_sentences(groups: list[Group], rec: Group | None, c: Context) -> list[
 
 
 def format_analysis(result: dict[str, Any]) -> str:
-    """Plain-text table of mean ± std per configuration, the recommendation and the flags."""
+    """Plain-text table per configuration (n, mean ± std, difference to the best of the others
+    with its worst 95% end, within the margin, Holm p against the best, cost), the
+    recommendation with its reason, and the flags."""
     metric, direction = result["metric"], result["direction"]
     best_key = (result.get("best") or {}).get("key")
     rec_key = (result.get("recommended") or {}).get("key")
-    head = f"{metric} ({direction} is better); tests vs best, Holm-adjusted"
-    rows = [("config", "n", "mean ± std", "95% CI", "p_adj", "cost", "")]
+    margin = result.get("margin") or {}
+    design = result.get("design") or {}
+    places = decimals_for(design.get("sigma")) or decimals_for(margin.get("absolute"))
+    head = f"{metric} ({direction} is better)"
+    if margin:
+        head += f"; margin {margin['absolute']:.3g}"
+    rows = [("config", "n", "mean ± std", "diff (bound)", "in margin", "p_adj", "cost", "")]
     for g in result["groups"]:
-        ci = g["ci95"]
         mark = []
         if g["key"] == best_key:
             mark.append("best")
@@ -292,15 +343,24 @@ def format_analysis(result: dict[str, Any]) -> str:
             mark.append("recommended")
         if g["significantly_worse"]:
             mark.append("worse")
+        if g.get("note") and g["key"] != rec_key:
+            mark.append(g["note"])
+        diff = (
+            f"{fmt_fixed(g['diff'], places, signed=True)} "
+            f"({fmt_fixed(g['diff_bound'], places, signed=True)})"
+            if g.get("diff") is not None
+            else "-"
+        )
         rows.append(
             (
                 group_label(g["key"]),
                 str(g["n"]),
-                f"{fmt_num(g['mean'])} ± {fmt_num(g['std'])}",
-                f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]" if ci else "-",
-                fmt_num(g["p_adjusted"]),
-                fmt_num(g["cost"]),
-                ", ".join(mark),
+                fmt_mean_std(g["mean"], g["std"]),
+                diff,
+                "yes" if g.get("within_margin") else "no",
+                fmt_p(g["p_adjusted"]),
+                _fmt_cost(g["cost"], result.get("cost")),
+                "; ".join(mark),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -25,8 +25,9 @@ import pandas as pd
 from lorasweep.analysis import plots, stats
 from lorasweep.analysis.pruning_summary import pruning_summary
 from lorasweep.analysis.report_sections import pruning_section_html, render, spectrum_section_html
-from lorasweep.analysis.units import fmt_mean_std, fmt_num
+from lorasweep.analysis.units import decimals_for, fmt_fixed, fmt_mean_std, fmt_num, fmt_p, fmt_sig
 from lorasweep.analysis.verify_summary import verify_report_info
+from lorasweep.spec import analysis_kwargs
 from lorasweep.store import open_store
 
 # Columns of the "all metrics" table, in order, with their kind of unit.
@@ -94,6 +95,16 @@ def _summary_rows(trials: pd.DataFrame, analysis: dict, by: Any) -> tuple[list, 
 def _comparison_rows(analysis: dict) -> list[dict]:
     best = (analysis.get("best") or {}).get("key")
     rec = (analysis.get("recommended") or {}).get("key")
+    places = decimals_for((analysis.get("design") or {}).get("sigma")) or decimals_for(
+        (analysis.get("margin") or {}).get("absolute")
+    )
+
+    def interval(ci: list | None) -> str:
+        if not ci:
+            return "-"
+        lo, hi = (fmt_fixed(x, places, signed=True) for x in ci)
+        return f"[{lo}, {hi}]"
+
     rows = []
     for g in analysis["groups"]:
         ci = g["ci95"]
@@ -106,15 +117,25 @@ def _comparison_rows(analysis: dict) -> list[dict]:
             badges.append(("significantly worse", "worse"))
         if g["n"] == 1:
             badges.append(("single seed", "warn"))
+        if g.get("seeds_collapsed") or g.get("seeds_diverged"):
+            badges.append(("unstable", "warn"))
+        if g.get("learned") is False:
+            badges.append(("did not learn", "warn"))
         rows.append(
             {
                 "label": stats.group_label(g["key"]),
                 "n": g["n"],
                 "mean": fmt_mean_std(g["mean"], g["std"]),
                 "ci": f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]" if ci else "-",
+                "reference": stats.group_label(g["reference"]) if g.get("reference") else "-",
+                "diff": fmt_fixed(g.get("diff"), places, signed=True),
+                "bound": fmt_fixed(g.get("diff_bound"), places, signed=True),
+                "diff_ci": interval(g.get("diff_ci")),
+                "examples": interval(g.get("diff_ci_examples")),
+                "within": "yes" if g.get("within_margin") else "no",
+                "note": g.get("note") or "",
                 "test": g["test"] or "-",
-                "p": fmt_num(g["p_value"]),
-                "p_adj": fmt_num(g["p_adjusted"]),
+                "p_adj": fmt_p(g["p_adjusted"]),
                 "cost": fmt_num(g["cost"]),
                 "badges": badges,
                 "worse": g["significantly_worse"],
@@ -155,6 +176,7 @@ def build_report(
     extra_sections: list[dict[str, str]] | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` (self-contained) and the plot PNGs beside it.
+    # long: one template, one render call naming each of its values
 
     Args:
         trials: one row per trial (the store's ``trials_frame()`` or a loaded table).
@@ -210,6 +232,9 @@ def build_report(
         reason=re.split(r"(?<=\.)\s+(?=[A-Z])", analysis["reason"]),
         best=stats.group_label(analysis["best"]["key"]) if analysis.get("best") else None,
         comparison=_comparison_rows(analysis),
+        has_examples=any(g.get("diff_ci_examples") for g in analysis["groups"]),
+        margin_note=_margin_note(analysis),
+        design_note=_design_note(analysis),
         summary_headers=headers,
         summary=summary,
         problems=_problem_rows(trials, metric),
@@ -223,6 +248,35 @@ def build_report(
     path = out / "report.html"
     path.write_text(html, encoding="utf-8")
     return path
+
+
+def _margin_note(analysis: dict) -> str:
+    m = analysis.get("margin")
+    if not m:
+        return ""
+    amount = (
+        f"{m['value'] * 100:g}% of the best mean = {m['absolute']:.3g}"
+        if m["relative"]
+        else (f"{m['absolute']:g}")
+    )
+    how = (
+        "the default for this metric (set with --margin or analysis.margin)"
+        if m["default"]
+        else "given"
+    )
+    return f"Margin: {amount} {analysis['metric']}, {how}."
+
+
+def _design_note(analysis: dict) -> str:
+    d = analysis.get("design") or {}
+    if d.get("model") == "two-way":
+        return (
+            f"a two-way model (configuration + seed; residual sd {fmt_sig(d['sigma'])} on "
+            f"{d['df']:g} degrees of freedom)"
+        )
+    if d.get("model") == "welch":
+        return "Welch t per pair (the configurations do not share seeds)"
+    return "no noise model (too few seeds)"
 
 
 def _first(df: pd.DataFrame, col: str) -> str:
@@ -244,12 +298,16 @@ def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
     """Build ``run_dir/report.html`` from the run's store: statistics, plots, and the pruning
     and adapter-spectra sections when the run has them. None when no trial is complete.
 
-    ``kwargs`` go to :func:`build_report` (``analysis_kwargs``, ``gpu_limits_gb``).
+    ``kwargs`` go to :func:`build_report` (``analysis_kwargs``, ``gpu_limits_gb``). The
+    analysis follows the ``analysis:`` section of the run's spec (its ``margin``); the
+    ``analysis_kwargs`` given override it (``{"margin": "2%"}``, as ``lorasweep report
+    --margin``).
     """
     run_dir = Path(run_dir)
     with open_store(run_dir) as store:
         rows = store.trials()
         trials, curves, meta = store.trials_frame(rows), store.curves_frame(), store.meta()
+    kwargs["analysis_kwargs"] = analysis_kwargs(meta.get("spec"), kwargs.get("analysis_kwargs"))
     meta["environment"] = next((t["environment"] for t in rows if t["environment"]), {})
     if trials.empty or trials["status"].ne("complete").all():
         return None  # nothing measured yet: `lorasweep status` shows the failures
@@ -260,7 +318,7 @@ def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
     }
     sections = []
     if meta.get("prune"):
-        sections.append(_pruning_section(meta, trials, kwargs.get("analysis_kwargs") or {}))
+        sections.append(_pruning_section(meta, trials, kwargs["analysis_kwargs"]))
     if adapters:
         sections += _spectrum_sections(adapters, meta, trials)
     return build_report(trials, curves, meta, run_dir, extra_sections=sections, **kwargs)

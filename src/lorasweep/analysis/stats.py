@@ -13,24 +13,25 @@ the plain-text table) in ``explain``; their public names are importable from her
 
 from __future__ import annotations
 
-import math
+import json
+import warnings
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from lorasweep.analysis import explain
+from lorasweep.analysis import flags as flags_mod
+from lorasweep.analysis import recommend as recommend_mod
 from lorasweep.analysis.compare import (  # noqa: F401 - MIN_PAIRS re-exported
     ALPHA,
     MIN_PAIRS,
-    MIN_SEEDS_FOR_EQUIVALENCE,
-    Comparison,
     Group,
-    compare,
     holm,
     json_scalar,
     key_scalar,
 )
+from lorasweep.analysis.decision import Margin, default_margin, is_proportion, parse_margin
 from lorasweep.analysis.explain import format_analysis, group_label
 from lorasweep.analysis.tables import (
     by_columns,
@@ -60,12 +61,6 @@ __all__ = [
     "summary_table",
 ]
 
-# Measured costs (seconds, bytes) closer than this fraction of the cheapest candidate are a tie:
-# wall time on a shared machine jitters by more than the real difference between small ranks.
-# Ties go to the configuration with fewer trainable parameters (then the lower rank).
-COST_TIE = 0.10
-# Below this many pairs a rank test (Wilcoxon signed-rank) cannot reach p < 0.05 two-sided.
-MIN_N_RANK_TEST = 6
 COST_COLUMNS = (
     "train_seconds",
     "trainable_params",
@@ -140,14 +135,16 @@ def _choose_cost(df: pd.DataFrame, cost: str | None) -> str | None:
 def _groups(
     df: pd.DataFrame, metric: str, cols: list[str], cost: str | None, mem: str | None
 ) -> list[Group]:
+    proportion = _is_proportion(metric, df[metric])
     out = []
     for key, g in df.groupby(cols, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         v = g[metric].to_numpy(float)
         seeds = [json_scalar(s) for s in g["seed"]]
         _refuse_repeated_seeds(seeds, dict(zip(cols, key)), cols)
-        ci = ci95(v)
-        cost_v = pd.to_numeric(g[cost], errors="coerce").mean() if cost else np.nan
+        ci = _clip(ci95(v), proportion)
+        cost_all = pd.to_numeric(g[cost], errors="coerce").to_numpy(float) if cost else []
+        cost_v = np.nanmean(cost_all) if len(cost_all) and np.isfinite(cost_all).any() else np.nan
         mem_v = pd.to_numeric(g[mem], errors="coerce").max() if mem else np.nan
         out.append(
             Group(
@@ -159,11 +156,42 @@ def _groups(
                 cost=json_scalar(cost_v),
                 seeds=seeds,
                 values=[float(x) for x in v],
+                costs=[float(x) for x in cost_all if np.isfinite(x)],
+                outcomes=_outcomes(g, seeds),
                 mem=json_scalar(mem_v),
                 params=_column_mean(g, "trainable_params"),
                 rank=_column_mean(g, "rank"),
             )
         )
+    return out
+
+
+def _is_proportion(metric: str, values: pd.Series) -> bool:
+    """A proportion by name (accuracy, F1, ...) with every value in [0, 1]: its intervals are
+    clipped to [0, 1]. A loss below 1 is not a proportion."""
+    v = pd.to_numeric(values, errors="coerce").dropna()
+    return is_proportion(metric) and bool(len(v)) and bool(((v >= 0) & (v <= 1)).all())
+
+
+def _clip(ci: tuple[float, float] | None, proportion: bool) -> list[float] | None:
+    if ci is None:
+        return None
+    return [max(ci[0], 0.0), min(ci[1], 1.0)] if proportion else [ci[0], ci[1]]
+
+
+def _outcomes(g: pd.DataFrame, seeds: list) -> dict:
+    """seed -> stored per-example eval outcomes (dicts; JSON text from a CSV is parsed)."""
+    if "eval_outcomes" not in g:
+        return {}
+    out = {}
+    for s, o in zip(seeds, g["eval_outcomes"]):
+        if isinstance(o, str) and o.startswith("{"):
+            try:
+                o = json.loads(o)
+            except ValueError:
+                continue
+        if isinstance(o, dict):
+            out[s] = o
     return out
 
 
@@ -188,92 +216,23 @@ def _refuse_repeated_seeds(seeds: list, key: dict, cols: list[str]) -> None:
         seen.add(s)
 
 
-def _test_name(c: Comparison) -> str:
-    """How ``analyze`` names the test of a group against the best."""
-    if c.design == "paired":
-        name = f"paired t ({c.n_common} seeds)"
-        if c.n_common < MIN_N_RANK_TEST:
-            name += f"; n<{MIN_N_RANK_TEST}, too few for Wilcoxon"
-        return name
-    if c.design == "welch":
-        common = f"only {c.n_common} common seeds" if c.n_common else "seeds differ"
-        return f"Welch t ({common})"
-    return "none (single seed)"
-
-
-def _test_against_best(groups: list[Group], best: Group, sign: float, alpha: float) -> None:
-    """Two-sided test of every other group against the best, Holm-adjusted across them."""
-    best.test = "best"
-    tested = []
-    for g in groups:
-        if g is best:
-            continue
-        c = compare(best.by_seed(), g.by_seed())
-        g.p_value, g.test = c.p_value, _test_name(c)
-        if g.p_value is not None:
-            tested.append(g)
-    if tested:
-        adj = holm([g.p_value for g in tested], alpha)[1]
-        for g, p in zip(tested, adj):
-            g.p_adjusted = p
-            g.significantly_worse = bool(p < alpha and sign * (g.mean - best.mean) < 0)
-
-
-def _pooled_std(a: Group, b: Group) -> float:
-    """sqrt of the mean of the two variances; 0 when either has a single seed."""
-    if a.std is None or b.std is None:
-        return 0.0
-    return math.sqrt((a.std**2 + b.std**2) / 2)
-
-
-def _accept(
-    groups: list[Group], best: Group, sign: float, tolerance: float | None, budget_gb: float | None
-) -> None:
-    """Mark each group acceptable (``ok``), held back on too few seeds (``underpowered``) and
-    within the memory budget (``fits``)."""
-    for g in groups:
-        within = tolerance is not None and sign * (best.mean - g.mean) <= tolerance
-        powered = min(g.n, best.n) >= MIN_SEEDS_FOR_EQUIVALENCE
-        measured_worse = sign * (best.mean - g.mean) > _pooled_std(g, best)
-        not_worse = g is best or (
-            g.p_adjusted is not None
-            and not g.significantly_worse
-            and (powered or not measured_worse)
-        )
-        g.ok = bool(within or not_worse)
-        g.underpowered = bool(
-            g is not best and not powered and g.p_adjusted is not None and measured_worse
-        )
-        g.fits = budget_gb is None or g.mem is None or g.mem <= budget_gb * 1024**3
-
-
-def _cheapest(candidates: list[Group], sign: float) -> Group | None:
-    """The cheapest candidate; costs within COST_TIE of the cheapest count as equal, and
-    equal costs go to fewer trainable parameters, then the lower rank, then the better mean."""
-    if not candidates:
-        return None
-    costs = [g.cost for g in candidates if g.cost is not None]
-    floor = min(costs) if costs else None
-
-    def key(g: Group) -> tuple:
-        c = g.cost if g.cost is not None else math.inf
-        tied = floor is not None and c <= floor * (1 + COST_TIE) + 1e-12
-        nan_last = lambda v: v if v is not None and v == v else math.inf  # noqa: E731
-        return (floor if tied else c, nan_last(g.params), nan_last(g.rank), -sign * g.mean)
-
-    return min(candidates, key=key)
-
-
 # ----------------------------------------------------------------------------- analyze
 
 
-def _check_options(tolerance: float | None, memory_budget_gb: float | None) -> None:
-    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
-        raise ValueError(f"tolerance: {tolerance!r} must be a non-negative number")
+def _check_options(memory_budget_gb: float | None) -> None:
     if memory_budget_gb is not None and not (
         isinstance(memory_budget_gb, (int, float)) and memory_budget_gb > 0
     ):
         raise ValueError(f"memory_budget_gb: {memory_budget_gb!r} must be a positive number")
+
+
+def _margin_option(margin: Any, tolerance: Any) -> Margin | None:
+    if tolerance is not None:
+        if margin is not None:
+            raise ValueError("tolerance: use margin; both were given")
+        warnings.warn("tolerance= is deprecated: use margin=", DeprecationWarning, stacklevel=3)
+        return parse_margin(tolerance, "tolerance")
+    return parse_margin(margin)
 
 
 def analyze(
@@ -283,30 +242,39 @@ def analyze(
     direction: str | None = None,
     by: str | list[str] | None = None,
     cost: str | None = None,
-    tolerance: float | None = None,
+    margin: float | str | None = None,
     memory_budget_gb: float | None = None,
     alpha: float = ALPHA,
+    tolerance: float | None = None,
 ) -> dict[str, Any]:
-    """Compare configurations and recommend one.
+    """Compare configurations and recommend one (docs/report.md explains the rule).
+    # long: one step per line of the rule, in its order; the steps live in ``recommend``
+
+    The recommendation is the cheapest configuration whose simultaneous 95% bound of its
+    difference to the best of the others (Hsu's multiple comparisons with the best) is within
+    ``margin`` of it, among the replicated, stable configurations that learned and fit the
+    memory budget. The noise comes from a two-way model (configuration + seed) when the
+    configurations share seeds, else from Welch's t per pair. None when the evidence is too thin.
 
     Args:
-        trials: one row per trial (see module docstring of ``records.py`` for metric columns).
-        metric: column to compare; default the task's (``records.default_metric``: accuracy for
-            classification, perplexity for causal-lm).
+        trials: one row per trial (see ``records.py`` for the metric columns).
+        metric: column to compare; default the task's (accuracy; perplexity for causal-lm).
         direction: "higher" or "lower" is better; default from the metric's name.
         by: grouping columns; default ``["variant", "rank"]``.
         cost: column to minimise; default ``train_seconds`` (then params, memory, rank).
-        tolerance: a configuration within this absolute distance of the best mean (metric
-            units) is acceptable even if significantly worse.
+        margin: how much worse than the best is still good enough: metric units (``0.01``), or
+            a percentage of the best mean (``"2%"``); default per metric (``default_margin``).
         memory_budget_gb: exclude configurations whose peak memory (GPU allocated if measured,
             else CPU RSS) exceeds this many GiB.
-        alpha: significance level of the Holm-adjusted tests.
+        alpha: 1 - the confidence level of the bounds; the level of the Holm-adjusted tests.
+        tolerance: deprecated alias of an absolute ``margin``.
 
     Returns:
-        ``{"metric", "direction", "groups", "best", "recommended", "reason", "flags"}``,
-        JSON-serializable (missing numbers are None).
+        ``{"metric", "direction", "margin", "design", "groups", "best", "recommended",
+        "criterion", "seeds_needed", "reason", "flags"}``, JSON-serializable.
     """
-    _check_options(tolerance, memory_budget_gb)
+    given = _margin_option(margin, tolerance)
+    _check_options(memory_budget_gb)
     df = prepare_trials(trials)
     metric = _choose_metric(df, metric)
     direction, assumed = _choose_direction(metric, direction)
@@ -316,64 +284,54 @@ def analyze(
     df[metric] = pd.to_numeric(df[metric], errors="coerce").astype(float)
     sign = 1.0 if direction == "higher" else -1.0
 
-    flags = explain.trial_flags(df, metric, cols)
+    flags = flags_mod.trial_flags(df, metric, cols)
     if assumed:
         flags.append(
             f"Direction of {metric!r} assumed {direction!r} is better; pass direction= to override."
         )
     usable = df[(df["status"] == "complete") & np.isfinite(df[metric])]
     groups = _groups(usable, metric, cols, cost, mem)
+    margin_ = given or default_margin(metric, usable[metric].tolist())
+    out: dict[str, Any] = {"metric": metric, "direction": direction, "cost": cost}
     if not groups:
-        return {
-            "metric": metric,
-            "direction": direction,
-            "groups": [],
-            "best": None,
-            "recommended": None,
-            "reason": f"No complete trial has a finite {metric}.",
-            "flags": flags,
-        }
+        return {**out, "margin": None, "design": None, "groups": [], "best": None,
+                "recommended": None, "criterion": None, "seeds_needed": None,
+                "reason": f"No complete trial has a finite {metric}.", "flags": flags}  # fmt: skip
 
-    replicated = [g for g in groups if g.n >= 2] or groups
-    best = max(replicated, key=lambda g: (sign * g.mean, -(g.cost or math.inf)))
-    _test_against_best(groups, best, sign, alpha)
-    _accept(groups, best, sign, tolerance, memory_budget_gb)
-    candidates = [g for g in groups if g.ok and g.fits]
-    recommended = _cheapest(candidates, sign)
+    design = recommend_mod.fit_noise(groups, margin_, sign)
+    best = recommend_mod.fill_comparisons(groups, design, sign, alpha)
+    margin_abs = margin_.absolute(best.mean)
+    recommend_mod.assess_stability(groups, df, metric, cols)
+    recommend_mod.mark_eligibility(groups, margin_abs, sign, memory_budget_gb)
+    recommend_mod.eval_bootstrap(groups, metric)
+    decision = recommend_mod.recommend(groups, design, sign, margin_abs, alpha)
 
-    flags += explain.group_flags(groups, best, metric, cols)
+    flags += flags_mod.group_flags(groups, best, metric, cols)
     if memory_budget_gb is not None and mem is None:
         flags.append("A memory budget was given but no memory was measured; it was not applied.")
-    ctx = explain.Context(metric, direction, cost, mem, tolerance, memory_budget_gb, alpha)
-    reason = explain.reason(groups, best, recommended, ctx)
-    reason += _more_reasons(groups, recommended, candidates)
+    ctx = explain.Context(metric, direction, cost, mem, margin_, margin_abs, memory_budget_gb,
+                          alpha, design)  # fmt: skip
+    rec = decision.recommended
     return {
-        "metric": metric,
-        "direction": direction,
+        **out,
+        "margin": {
+            "value": margin_.value,
+            "relative": margin_.relative,
+            "absolute": margin_abs,
+            "default": not margin_.given,
+        },  # fmt: skip
+        "design": {
+            "model": design.kind,
+            "sigma": json_scalar(design.sigma),
+            "df": json_scalar(design.df),
+            "balanced": design.balanced,
+            "outliers_left_out": sum(g.seeds_collapsed for g in groups),
+        },  # fmt: skip
         "groups": [g.to_dict() for g in groups],
         "best": best.to_dict(),
-        "recommended": recommended.to_dict() if recommended is not None else None,
-        "reason": reason,
+        "recommended": rec.to_dict() if rec is not None else None,
+        "criterion": decision.criterion,
+        "seeds_needed": decision.seeds_needed,
+        "reason": explain.reason(groups, best, decision, ctx),
         "flags": flags,
     }
-
-
-def _more_reasons(groups: list[Group], recommended: Group | None, candidates: list[Group]) -> str:
-    """The reason's last sentences: who was held back on too few seeds, and a cost tie."""
-    out = ""
-    held_back = [g for g in groups if g.underpowered and g is not recommended]
-    if held_back:
-        out += (
-            f" Not accepted as equivalent on too few seeds (with fewer than "
-            f"{MIN_SEEDS_FOR_EQUIVALENCE} seeds a non-significant test is no evidence of being as "
-            "good, and these measured worse by more than one standard deviation): "
-            + ", ".join(group_label(g.key) for g in held_back)
-            + ". Run more seeds, or pass a tolerance."
-        )
-    cheapest = min((g.cost for g in candidates if g.cost is not None), default=None)
-    if recommended is not None and cheapest is not None and (recommended.cost or 0) > cheapest:
-        out += (
-            f" Costs within {COST_TIE:.0%} of the cheapest ({cheapest:.4g}) count as equal;"
-            " the tie went to fewer trainable parameters."
-        )
-    return out

@@ -127,11 +127,44 @@ def fmt_value(x: float | None, kind: str = "metric") -> str:
     return fmt_num(x)
 
 
+def decimals_for(spread: float | None) -> int | None:
+    """Decimal places that show ``spread`` to 2 significant digits (None when it is missing or
+    0): 0.0123 -> 3, 0.5 -> 2, 12 -> 0."""
+    if not is_number(spread) or spread == 0:
+        return None
+    return max(0, 1 - math.floor(math.log10(abs(spread))))
+
+
+def fmt_fixed(x: float | None, decimals: int | None, *, signed: bool = False) -> str:
+    """``x`` at ``decimals`` places (4 significant digits when None); '+' on request."""
+    if not is_number(x):
+        return MISSING
+    sign = "+" if signed else ""
+    return f"{x:{sign}.{decimals}f}" if decimals is not None else f"{x:{sign}.4g}"
+
+
+def fmt_sig(x: float | None, digits: int = 2) -> str:
+    """``x`` to ``digits`` significant digits ('0.0061', '12', '1.3e-05'); '-' when missing."""
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{x:.{digits}g}"
+
+
+def fmt_p(p: float | None) -> str:
+    """A p-value to 2 significant digits: '0.38', '0.0012', '3.1e-07'."""
+    return f"{p:.2g}" if is_number(p) else MISSING
+
+
 def fmt_mean_std(mean: float | None, std: float | None, kind: str = "metric") -> str:
-    """'0.8612 ± 0.0041', '1.50 GiB ± 12.00 MiB'; the std is left out when unknown, and for
-    non-metric kinds when it is zero up to rounding (a constant column)."""
+    """'0.861 ± 0.012' (a metric: the std to 2 significant digits, the mean to the same
+    decimals), '1.50 GiB ± 12.00 MiB'; the std is left out when unknown, and for non-metric kinds
+    when it is zero up to rounding (a constant column)."""
     if not is_number(mean):
         return MISSING
+    if kind == "metric" and is_number(std):
+        places = decimals_for(std)
+        if places is not None:
+            return f"{mean:.{places}f} ± {std:.{places}f}"
     if not is_number(std):
         return fmt_value(mean, kind)
     if abs(std) <= 1e-9 * abs(mean) and kind != "metric":

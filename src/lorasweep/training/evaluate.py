@@ -32,23 +32,53 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
         "accuracy": float(np.mean(pred == labels)),
         "f1": float(np.mean(f1s)),
         "eval_loss": float(nll.mean()),
+        "majority_rate": majority_rate(labels),
     }
 
 
-@torch.no_grad()
+def classification_outcomes(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per eval example, in order: ``{"correct": prediction == label}`` (its mean is the
+    accuracy of :func:`classification_metrics`, exactly)."""
+    return {"correct": np.asarray(logits).argmax(-1) == np.asarray(labels)}
+
+
+def majority_rate(labels: np.ndarray) -> float:
+    """Share of the most frequent label: the accuracy of always predicting it."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return math.nan
+    return float(np.unique(labels, return_counts=True)[1].max() / labels.size)
+
+
 def causal_eval(trainer: Trainer, eval_ds: Any) -> dict[str, float]:
     """Perplexity = exp(total NLL / total target tokens) over the whole eval set."""
+    return causal_eval_outcomes(trainer, eval_ds)[0]
+
+
+@torch.no_grad()
+def causal_eval_outcomes(
+    trainer: Trainer, eval_ds: Any
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """:func:`causal_eval`'s metrics, and per eval example in loader order ``{"nll": summed
+    NLL in nats, "tokens": target tokens}`` (they sum to the totals behind the perplexity)."""
     model = trainer.model
     model.eval()
     nll, tokens = 0.0, 0
+    rows_nll, rows_tokens = [], []
     for batch in trainer.get_eval_dataloader(eval_ds):
         batch = trainer._prepare_inputs(batch)
         labels = batch.pop("labels")
         logits = model(**batch).logits
-        s, n = token_nll_sum(logits.float(), labels)
-        nll += float(s)
-        tokens += int(n)
-    return causal_lm_metrics(nll, tokens)
+        s, n = token_nll_rows(logits.float(), labels)
+        rows_nll.append(s.cpu().double().numpy())  # totals in float64 (MPS has none)
+        rows_tokens.append(n.cpu().numpy())
+        nll += float(rows_nll[-1].sum())
+        tokens += int(rows_tokens[-1].sum())
+    outcomes = {
+        "nll": np.concatenate(rows_nll) if rows_nll else np.zeros(0),
+        "tokens": np.concatenate(rows_tokens) if rows_tokens else np.zeros(0, dtype=np.int64),
+    }
+    return causal_lm_metrics(nll, tokens), outcomes
 
 
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
@@ -71,6 +101,22 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, in
         reduction="sum",
     )
     return float(nll), n
+
+
+def token_nll_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_nll_sum` per row: (summed NLL per row, float32; target tokens per row, int64),
+    with the same shift and ignore-index rules."""
+    import torch.nn.functional as F
+
+    shift_logits = logits[..., :-1, :].float()
+    shift_labels = labels[..., 1:].to(shift_logits.device)
+    per_token = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)
+    return per_token.sum(-1), (shift_labels != IGNORE_INDEX).sum(-1)
 
 
 def causal_lm_metrics(total_nll: float, total_tokens: int) -> dict[str, float]:

@@ -27,7 +27,14 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from lorasweep.records import Paused, Trial, TrialResult, TrialStatus, eval_curve
+from lorasweep.records import (
+    Paused,
+    Trial,
+    TrialResult,
+    TrialStatus,
+    encode_outcomes,
+    eval_curve,
+)
 from lorasweep.training import data as data_mod
 from lorasweep.training import models, tracking
 from lorasweep.training.callbacks import (
@@ -38,7 +45,11 @@ from lorasweep.training.callbacks import (
     ProgressFn,
     Recorder,
 )
-from lorasweep.training.evaluate import causal_eval, classification_metrics
+from lorasweep.training.evaluate import (
+    causal_eval_outcomes,
+    classification_metrics,
+    classification_outcomes,
+)
 from lorasweep.training.measure import Monitor, environment
 from lorasweep.training.peft_setup import (
     adalora_allocation,
@@ -210,9 +221,9 @@ def _run(
     eval_ds = loaded.eval_ds
     scored = eval_ds.select(range(min(int(rung_n), len(eval_ds)))) if rung_n else eval_ds
     with monitor.timer("rung_eval" if paused else "eval"):
-        metrics = _evaluate(cfg["task"], trainer, scored)
+        metrics, outcomes = _evaluate(cfg["task"], trainer, scored)
     for k, v in metrics.items():  # eval_accuracy, eval_f1, eval_loss, eval_perplexity
-        if k != "eval_tokens":
+        if k not in ("eval_tokens", "majority_rate"):
             result.curves[eval_curve(k)] = [[float(step), v]]
     if not all(math.isfinite(v) for v in metrics.values()):
         raise Diverged(f"evaluation is not finite at step {step}: {metrics}")
@@ -235,6 +246,8 @@ def _run(
         result.metrics["rung_eval_examples"] = float(len(scored))
         _pause(workdir, loaded.args, step, result)
     else:
+        if outcomes is not None:  # per eval example, for paired comparisons across trials
+            result.artifacts["eval_outcomes"] = outcomes
         _save(workdir, loaded, ad, result)
 
 
@@ -281,11 +294,21 @@ def _load(
     return _Loaded(tokenizer, train_ds, eval_ds, info, model, args, trainable, total)
 
 
-def _evaluate(task: str, trainer: Trainer, scored: Any) -> dict[str, float]:
+def _evaluate(task: str, trainer: Trainer, scored: Any) -> tuple[dict[str, float], Any]:
+    """The eval metrics, and the per-example outcomes (``records.encode_outcomes``); None when
+    the eval loader does not keep the eval set's order (length-grouped, or dropping a batch)."""
     if task == "classification":
         pred = trainer.predict(scored)
-        return classification_metrics(pred.predictions, pred.label_ids)
-    return causal_eval(trainer, scored)
+        metrics = classification_metrics(pred.predictions, pred.label_ids)
+        kind, arrays = "correct", classification_outcomes(pred.predictions, pred.label_ids)
+    else:
+        (metrics, arrays), kind = causal_eval_outcomes(trainer, scored), "nll"
+    args = trainer.args  # transformers < 5 says group_by_length=True
+    grouped = getattr(args, "train_sampling_strategy", None) == "group_by_length"
+    grouped = grouped or bool(getattr(args, "group_by_length", False))
+    if grouped or any(len(a) != len(scored) for a in arrays.values()):
+        return metrics, None
+    return metrics, encode_outcomes(kind, **arrays)
 
 
 def _inner_collator(task: str, tokenizer: Any) -> Any:
