@@ -98,12 +98,15 @@ def test_analysis_and_recommendation_match_the_cli(results: Results) -> None:
     summary = results.summary()
     assert summary["config"].tolist() == [group_label(g["key"]) for g in a["groups"]]
     assert summary["best"].sum() == 1
+    # the same words as the CLI's paragraph (and the report's card)
+    assert rec == a["reason"] and rec in results.format()
     if a["recommended"]:
-        assert rec.startswith(group_label(a["recommended"]["key"]) + ": ")
+        assert rec.startswith(f"Recommended {group_label(a['recommended']['key'])}: ")
         assert summary["recommended"].sum() == 1
     else:  # the tiny model may learn nothing in 3 steps: no recommendation, and it says so
-        assert rec.startswith("No recommendation") and a["reason"] in rec
+        assert rec.startswith("No recommendation")
         assert summary["recommended"].sum() == 0
+    assert {"diff", "diff_bound", "within_margin", "eligible"} <= set(summary.columns)
 
 
 @pytest.mark.parametrize(

@@ -232,29 +232,36 @@ class Results:
                     "std": g["std"],
                     "ci_lo": ci[0],
                     "ci_hi": ci[1],
+                    "reference": group_label(g["reference"]) if g.get("reference") else None,
+                    "diff": g.get("diff"),
+                    "diff_bound": g.get("diff_bound"),
+                    "within_margin": g.get("within_margin"),
                     "p_adjusted": g.get("p_adjusted"),
                     "cost": g.get("cost"),
+                    "eligible": g.get("eligible"),
+                    "note": g.get("note"),
                     "best": g["key"] == best,
                     "recommended": g["key"] == rec,
                 }
             )
         df = pd.DataFrame(rows)
-        df.attrs.update(metric=result["metric"], direction=result["direction"])
+        df.attrs.update(metric=result["metric"], direction=result["direction"],
+                        margin=(result.get("margin") or {}).get("absolute"))  # fmt: skip
         return df
 
     @property
     def recommendation(self) -> str:
-        """The recommended configuration and the reason, as one paragraph of text."""
-        from lorasweep.analysis.stats import group_label
-
+        """The recommendation and its reasons, as one paragraph: the same words as the CLI's
+        ``Recommendation`` paragraph and the report's card (``"Recommended lora r=8: ..."`` or
+        ``"No recommendation: ..."``)."""
         try:
             result = self.analysis()
         except ValueError as e:
             return f"No recommendation: {e}"
-        rec = result.get("recommended")
-        if not rec:
-            return f"No recommendation. {result['reason']}"
-        return f"{group_label(rec['key'])}: {result['reason']}"
+        reason = result["reason"]
+        if result.get("recommended") or reason.startswith("No recommendation"):
+            return reason
+        return f"No recommendation: {reason}"
 
     def format(self, **kwargs: Any) -> str:
         """The plain-text analysis the CLI prints (``stats.format_analysis``)."""

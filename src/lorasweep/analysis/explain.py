@@ -142,6 +142,13 @@ def _unstable_why(g: Group) -> str:
     return ", ".join(parts)
 
 
+def _table_cost(v: float | None, cost: str | None) -> str:
+    """A cost in the plain-text table: with its unit when known, else the number alone."""
+    if cost and cost.endswith(("bytes", "seconds", "params")):
+        return _fmt_cost(v, cost)
+    return fmt_num(v)
+
+
 def _ratio(new: float, old: float) -> str:
     """'+4%' for small changes, '2.3x' from 1.5x on; never '1x'."""
     r = new / old
@@ -285,7 +292,9 @@ def _rank_sentences(groups: list[Group], rec: Group | None, c: Context) -> list[
         ]
         if steps:
             out.append(
-                f"Gain in {m} per doubling of rank ({variant}; positive is better): "
+                f"Gain in {m} per doubling of rank ("
+                + (f"{variant}; " if variant is not None else "")
+                + "positive is better): "
                 + ", ".join(steps)
                 + "."
             )
@@ -359,7 +368,7 @@ def format_analysis(result: dict[str, Any]) -> str:
                 diff,
                 "yes" if g.get("within_margin") else "no",
                 fmt_p(g["p_adjusted"]),
-                _fmt_cost(g["cost"], result.get("cost")),
+                _table_cost(g["cost"], result.get("cost")),
                 "; ".join(mark),
             )
         )

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from lorasweep.analysis.decision import is_proportion
+
 __all__ = [
     "by_columns",
     "ci95",
@@ -112,7 +114,8 @@ def describe(
     column: str,
     by: str | list[str] | None = None,
 ) -> pd.DataFrame:
-    """n, mean, std and 95% CI of ``column`` per configuration over complete, finite rows.
+    """n, mean, std and 95% CI of ``column`` per configuration over complete, finite rows; the
+    CI of a proportion (accuracy, F1: ``decision.is_proportion``) is clipped to [0, 1].
 
     Returns one row per configuration with the ``by`` columns and ``n, mean, std, ci_lo, ci_hi``.
     """
@@ -121,11 +124,14 @@ def describe(
     vals = pd.to_numeric(df[column], errors="coerce") if column in df else np.nan
     ok = df.assign(_v=vals)
     ok = ok[(ok["status"] == "complete") & np.isfinite(ok["_v"].astype(float))]
+    proportion = is_proportion(column) and bool(ok["_v"].between(0, 1).all())
     rows = []
     for key, g in ok.groupby(cols, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         v = g["_v"].to_numpy(float)
         ci = ci95(v)
+        if ci and proportion:
+            ci = (max(ci[0], 0.0), min(ci[1], 1.0))
         rows.append(
             {
                 **dict(zip(cols, key)),
