@@ -63,7 +63,7 @@ df[["label", "status", "accuracy", "f1", "train_seconds", "trainable_params"]]
 # %% [markdown]
 # ## Statistics and the recommendation
 # `analysis()` is `lorasweep.analysis.stats.analyze` (paired tests over seeds, Holm-adjusted);
-# keyword arguments choose the metric, cost, tolerance or a memory budget.
+# keyword arguments choose the metric, cost, margin or a memory budget.
 
 # %%
 summary = results.summary()

@@ -175,6 +175,8 @@ def _verdict(groups: list[Group], best: Group, d: Decision, c: Context) -> str:
     if rec is None:
         return _no_recommendation(groups, best, d, c)
     by = f"by {c.cost}" if c.cost else "by trainable parameters, then rank"
+    if d.criterion == "cost tie":
+        by += ", a tie broken by fewer trainable parameters"
     if len(groups) == 1:
         return f"Recommended {group_label(rec.key)}: the only one, {_desc(rec, c.metric)}."
     head = f"Recommended {group_label(rec.key)}: the cheapest ({by}) of the configurations "
@@ -183,8 +185,9 @@ def _verdict(groups: list[Group], best: Group, d: Decision, c: Context) -> str:
         return head + ", the best measured."
     ref = f"{group_label(rec.key)} - {group_label(rec.reference or {})}"
     costs = ""
-    if c.cost and rec.cost != best.cost:
-        costs = f"; {_fmt_cost(rec.cost, c.cost)} instead of {_fmt_cost(best.cost, c.cost)}"
+    mine, theirs = _fmt_cost(rec.cost, c.cost), _fmt_cost(best.cost, c.cost)
+    if c.cost and mine != theirs:
+        costs = f"; {mine} instead of {theirs}"
     return (
         head + f". Difference {ref}: {_diff_text(rec, c)}; the best is {group_label(best.key)} "
         f"at {_desc(best, c.metric)}" + costs + "."
@@ -312,14 +315,15 @@ def _rank_sentences(groups: list[Group], rec: Group | None, c: Context) -> list[
     )
     if bigger:
         nx = bigger[0]
-        cost_txt = (
-            (
-                f"cost {_fmt_cost(nx.cost, c.cost)} instead of {_fmt_cost(rec.cost, c.cost)}"
-                + (f" ({_ratio(nx.cost, rec.cost)})" if nx.cost and rec.cost else "")
-            )
-            if c.cost
-            else "cost more"
-        )
+        new, old = _fmt_cost(nx.cost, c.cost), _fmt_cost(rec.cost, c.cost)
+        ratio = f" ({_ratio(nx.cost, rec.cost)})" if nx.cost and rec.cost else ""
+        if not c.cost:
+            cost_txt = "cost more"
+        elif new == old:
+            same = f"{new}, {_ratio(nx.cost, rec.cost)}" if ratio else new
+            cost_txt = f"cost about the same ({same})"
+        else:
+            cost_txt = f"cost {new} instead of {old}{ratio}"
         out.append(
             f"The next larger rank, r={nx.key['rank']}, would {cost_txt} and change "
             f"{m} by {nx.mean - rec.mean:+.3g}."

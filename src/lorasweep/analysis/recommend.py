@@ -123,7 +123,8 @@ def _floats(df: pd.DataFrame, column: str) -> list[float]:
 
 
 def mark_eligibility(groups: list[Group], margin_abs: float, sign: float, budget_gb: float | None):
-    """Mark who may be recommended, and why not in words."""
+    """Mark who may be recommended, and why not in words. A single configuration needs no
+    bound (there is nothing to choose between), only replication and stability."""
     for g in groups:
         g.within_margin = g.diff_bound is not None and sign * g.diff_bound > -margin_abs
         g.fits = budget_gb is None or g.mem is None or g.mem <= budget_gb * 1024**3
@@ -140,8 +141,8 @@ def mark_eligibility(groups: list[Group], margin_abs: float, sign: float, budget
             why.append("over the memory budget")
         if g.diff_bound is not None and not g.within_margin:
             why.append("not shown to be within the margin")
-        elif g.diff_bound is None and g.n >= 2:
-            why.append("no bound (nothing to compare with)")
+        elif g.diff_bound is None and g.n >= 2 and len(groups) > 1:
+            why.append("no bound (no other replicated configuration shares its design)")
         g.eligible = not why
         g.note = "; ".join(why) or None
 
