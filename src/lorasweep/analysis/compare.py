@@ -234,6 +234,17 @@ class Group:
     def by_seed(self) -> dict[Any, float]:
         return dict(zip(self.seeds, self.values))
 
+    def instability(self) -> list[str]:
+        """Why its seeds cannot be trusted, in words: diverged, collapsed, did not learn."""
+        parts = []
+        if self.seeds_diverged:
+            parts.append(f"{self.seeds_diverged} of {self.n + self.seeds_diverged} seeds diverged")
+        if self.seeds_collapsed:
+            parts.append(f"{self.seeds_collapsed} of {self.n} seeds collapsed")
+        if self.learned is False:
+            parts.append("it did not learn")
+        return parts
+
     def to_dict(self) -> dict[str, Any]:
         """The public JSON dict: numbers JSON-native, missing ones None."""
         out: dict[str, Any] = {"key": self.key}

@@ -104,7 +104,7 @@ def reason(groups: list[Group], best: Group, d: Decision, c: Context) -> str:
     if unstable:
         out.append(
             "Not recommended whatever their mean: "
-            + "; ".join(f"{group_label(g.key)} ({_unstable_why(g)})" for g in unstable)
+            + "; ".join(f"{group_label(g.key)} ({', '.join(g.instability())})" for g in unstable)
             + "."
         )
     if rec is not None and rec.diff_ci_examples is not None and rec is not best:
@@ -129,17 +129,6 @@ def reason(groups: list[Group], best: Group, d: Decision, c: Context) -> str:
             + "."
         )
     return " ".join(out)
-
-
-def _unstable_why(g: Group) -> str:
-    parts = []
-    if g.seeds_diverged:
-        parts.append(f"{g.seeds_diverged} seed(s) diverged")
-    if g.seeds_collapsed:
-        parts.append(f"{g.seeds_collapsed} of {g.n} seeds collapsed")
-    if g.learned is False:
-        parts.append("did not learn")
-    return ", ".join(parts)
 
 
 def _table_cost(v: float | None, cost: str | None) -> str:

@@ -128,15 +128,8 @@ def mark_eligibility(groups: list[Group], margin_abs: float, sign: float, budget
     for g in groups:
         g.within_margin = g.diff_bound is not None and sign * g.diff_bound > -margin_abs
         g.fits = budget_gb is None or g.mem is None or g.mem <= budget_gb * 1024**3
-        why = []
-        if g.n < 2:
-            why.append("a single seed")
-        if g.seeds_diverged:
-            why.append(f"{g.seeds_diverged} of {g.n + g.seeds_diverged} seeds diverged")
-        if g.seeds_collapsed:
-            why.append(f"{g.seeds_collapsed} of {g.n} seeds collapsed")
-        if g.learned is False:
-            why.append("it did not learn")
+        why = ["a single seed"] if g.n < 2 else []
+        why += g.instability()
         if not g.fits:
             why.append("over the memory budget")
         if g.diff_bound is not None and not g.within_margin:

@@ -229,7 +229,7 @@ def build_report(
         direction=analysis["direction"],
         recommended=stats.group_label(rec["key"]) if rec else None,
         recommended_value=fmt_mean_std(rec["mean"], rec["std"]) if rec else "",
-        reason=re.split(r"(?<=\.)\s+(?=[A-Z])", analysis["reason"]),
+        reason=_reason_lines(analysis["reason"]),
         best=stats.group_label(analysis["best"]["key"]) if analysis.get("best") else None,
         comparison=_comparison_rows(analysis),
         has_examples=any(g.get("diff_ci_examples") for g in analysis["groups"]),
@@ -248,6 +248,14 @@ def build_report(
     path = out / "report.html"
     path.write_text(html, encoding="utf-8")
     return path
+
+
+def _reason_lines(reason: str) -> list[str]:
+    """The reason's sentences for the card; "No recommendation: " is the card's title already."""
+    if reason.startswith("No recommendation: "):
+        rest = reason.removeprefix("No recommendation: ")
+        reason = rest[:1].upper() + rest[1:]
+    return re.split(r"(?<=\.)\s+(?=[A-Z])", reason)
 
 
 def _margin_note(analysis: dict) -> str:
