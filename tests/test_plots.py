@@ -79,7 +79,8 @@ def test_metric_vs_rank_data_means_and_ci(trials):
     r8 = d[(d["variant"] == "lora") & (d["rank"] == 8)].iloc[0]
     assert r8["n"] == 2 and r8["mean"] == pytest.approx(0.82)
     # t(0.975, 1) = 12.7062; std = 0.028284; half width = 12.7062 * 0.028284 / sqrt(2)
-    assert r8["ci_hi"] - r8["mean"] == pytest.approx(0.254124, abs=1e-5)
+    assert r8["mean"] - r8["ci_lo"] == pytest.approx(0.254124, abs=1e-5)
+    assert r8["ci_hi"] == 1.0  # 0.82 + 0.254 clipped: an accuracy interval stays in [0, 1]
     q = d[d["variant"] == "B-Q4"].iloc[0]
     assert np.isnan(q["rank"]) and q["mean"] == 0.75 and np.isnan(q["ci_lo"])
     assert 16 not in set(d["rank"])  # the diverged run is not a point
