@@ -19,15 +19,16 @@ from typing import Any
 
 from lorasweep.records import canonical_json
 from lorasweep.training.sources import (
-    BUILTIN_DATASETS,
     COLUMN_KEYS,
     LOCAL_SUFFIXES,
     DataError,
     deduplicate,
+    existing_path,
     is_local,
     movie_reviews_csv,
     shakespeare_files,
     source_fingerprint,
+    unknown_builtin,
 )
 
 
@@ -99,13 +100,9 @@ def load_raw(dspec: dict[str, Any], task: str) -> tuple[Any, Any | None]:
         rows = build_shakespeare_instructions(n_train + n_eval, seed=dspec.get("split_seed", 0))
         return rows.select(range(n_train)), rows.select(range(n_train, n_train + n_eval))
     if source.startswith("builtin:"):
-        raise DataError(
-            f"dataset.source: unknown builtin {source!r}; choose from {', '.join(BUILTIN_DATASETS)}"
-        )
+        raise unknown_builtin(source)
     if is_local(source):
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise DataError(f"dataset.source: file not found: {source}")
+        path = existing_path(source)
         kind = LOCAL_SUFFIXES[path.suffix.lower()]
         if kind == "text":  # one document per file: a .txt is plain text for causal LM
             return datasets.Dataset.from_dict({"text": [path.read_text(errors="replace")]}), None

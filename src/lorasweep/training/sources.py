@@ -33,6 +33,21 @@ SHAKESPEARE_INSTRUCT_VERSION = "1"
 CHUNK_BYTES = 1 << 20  # files are hashed and UTF-8-checked in 1 MiB chunks
 
 
+def unknown_builtin(source: str) -> DataError:
+    """The error for a ``builtin:`` name that is not one of ours."""
+    return DataError(
+        f"dataset.source: unknown builtin {source!r}; choose from {', '.join(BUILTIN_DATASETS)}"
+    )
+
+
+def existing_path(source: str) -> Path:
+    """The local file or folder a source names; DataError when it does not exist."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"dataset.source: file not found: {source}")
+    return path
+
+
 class DataError(ValueError):
     """A dataset problem; the message is one line naming the key and value."""
 
@@ -88,13 +103,9 @@ def source_fingerprint(dspec: dict[str, Any]) -> str | None:
             h.update(f"{path.name}\0{path.stat().st_size}\0".encode())  # file boundaries count
             _hash_file(h, path)
     elif source.startswith("builtin:"):
-        raise DataError(
-            f"dataset.source: unknown builtin {source!r}; choose from {', '.join(BUILTIN_DATASETS)}"
-        )
+        raise unknown_builtin(source)
     elif is_local(source):
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise DataError(f"dataset.source: file not found: {source}")
+        path = existing_path(source)
         if not path.is_file():
             return None
         _hash_file(h, path)
