@@ -637,6 +637,27 @@ def test_bootstrap_in_analyze_and_the_reason(outcomes_codec):
     assert _g(no_outcomes, 4)["diff_ci_examples"] is None
 
 
+def test_bootstrap_of_perplexity_from_per_example_nll(outcomes_codec):
+    """Causal LM: perplexity = exp(sum NLL / sum tokens) on every resample; a model whose NLL
+    is 10% lower on every example has a perplexity lower by the factor exp(-0.1 * mean NLL)."""
+    from lorasweep.analysis.resample import bootstrap_diff
+
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(5, 40, 300)
+    nll = tokens * rng.uniform(1.5, 2.5, 300)  # per-example NLL sums, about 2 nats per token
+    enc = outcomes_codec.encode_outcomes
+    ref = {s: enc("nll", nll=nll, tokens=tokens) for s in range(2)}
+    assert bootstrap_diff("perplexity", ref, dict(ref)) == [0.0, 0.0]
+    other = {s: enc("nll", nll=0.9 * nll, tokens=tokens) for s in range(2)}
+    lo, hi = bootstrap_diff("perplexity", ref, other)
+    loss = nll.sum() / tokens.sum()
+    point = math.exp(0.9 * loss) - math.exp(loss)  # the difference on the full eval set
+    assert lo < point < hi < 0
+    lo_l, hi_l = bootstrap_diff("eval_loss", ref, other)
+    assert lo_l < -0.1 * loss < hi_l < 0
+    assert bootstrap_diff("accuracy", ref, other) is None  # not from NLL outcomes
+
+
 # ----------------------------------------------------------------------------- regressions
 
 
