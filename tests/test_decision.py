@@ -674,3 +674,19 @@ def test_a_loss_below_one_is_not_clipped_like_a_proportion():
     df = df.rename(columns={"accuracy": "eval_loss"})
     g = _g(stats.analyze(df, metric="eval_loss"), 4)
     assert g["ci95"][1] == pytest.approx(0.97 + sps.t.ppf(0.975, 2) * 0.02 / math.sqrt(3))
+
+
+def test_a_table_without_seeds_is_not_paired(tmp_path):
+    """Row numbers are not seeds: without a seed column nothing is matched across
+    configurations, so the pairs are compared with Welch's t, and the flags say why."""
+    vals = {4: [0.80, 0.81, 0.79], 8: [0.805, 0.80, 0.81]}
+    with_seeds = _table(vals)
+    assert stats.analyze(with_seeds)["design"]["model"] == "two-way"
+    without = with_seeds.drop(columns="seed")
+    without.to_csv(tmp_path / "t.csv", index=False)
+    for table in (without, stats.load_trials_table(tmp_path / "t.csv")):
+        r = stats.analyze(table)
+        assert r["design"]["model"] == "welch"
+        assert any(f.startswith("No seed column") for f in r["flags"])
+        t = sps.ttest_ind(vals[4], vals[8], equal_var=False)
+        assert _g(r, 4)["p_value"] == pytest.approx(t.pvalue)

@@ -29,11 +29,12 @@ from lorasweep.analysis.explain import Decision
 from lorasweep.analysis.resample import bootstrap_diff
 
 
-def fit_noise(groups: list[Group], margin: Margin, sign: float) -> Design:
+def fit_noise(groups: list[Group], margin: Margin, sign: float, *, paired: bool = True) -> Design:
     """The noise model of the groups, with collapsed seeds (``stability.outlier_seeds``, beyond
     the margin of the best replicated mean) marked on each group and left out of the fit: one
     collapsed seed must not widen every configuration's interval. The group's mean, std and
-    seeds stay as measured."""
+    seeds stay as measured. ``paired=False`` (a table without a seed column, whose "seeds" are
+    only row numbers): no seed is shared, so each pair is compared with Welch's t."""
     replicated = [g for g in groups if g.n >= 2] or groups
     margin_abs = margin.absolute(max(replicated, key=lambda g: sign * g.mean).mean)
     floor = stability.sweep_scale([g.values for g in groups])
@@ -41,7 +42,7 @@ def fit_noise(groups: list[Group], margin: Margin, sign: float) -> Design:
     for g in groups:
         out = stability.outlier_seeds(g.values, floor, margin_abs)
         g.seeds_collapsed = sum(out)
-        seeds.append([s for s, o in zip(g.seeds, out) if not o])
+        seeds.append([s if paired else (id(g), s) for s, o in zip(g.seeds, out) if not o])
         values.append([v for v, o in zip(g.values, out) if not o])
     return fit_design(seeds, values)
 

@@ -34,6 +34,7 @@ from lorasweep.analysis.compare import (  # noqa: F401 - MIN_PAIRS re-exported
 from lorasweep.analysis.decision import Margin, default_margin, is_proportion, parse_margin
 from lorasweep.analysis.explain import format_analysis, group_label
 from lorasweep.analysis.tables import (
+    SEEDS_FROM_ROWS,
     by_columns,
     ci95,
     describe,
@@ -298,7 +299,13 @@ def analyze(
                 "recommended": None, "criterion": None, "seeds_needed": None,
                 "reason": f"No complete trial has a finite {metric}.", "flags": flags}  # fmt: skip
 
-    design = recommend_mod.fit_noise(groups, margin_, sign)
+    paired = not df.attrs.get(SEEDS_FROM_ROWS)
+    if not paired:
+        flags.append(
+            "No seed column: the rows of a configuration are not matched across configurations, "
+            "so each pair is compared with Welch's t (add a seed column to use the blocking)."
+        )
+    design = recommend_mod.fit_noise(groups, margin_, sign, paired=paired)
     best = recommend_mod.fill_comparisons(groups, design, sign, alpha)
     margin_abs = margin_.absolute(best.mean)
     recommend_mod.assess_stability(groups, df, metric, cols)

@@ -30,11 +30,16 @@ __all__ = [
 ]
 
 
+# ``DataFrame.attrs`` key: the seed column was made from the row order (the table had none)
+SEEDS_FROM_ROWS = "lorasweep_seeds_from_rows"
+
+
 def prepare_trials(trials: pd.DataFrame) -> pd.DataFrame:
     """Return a copy with the id columns the analysis needs, filling sensible defaults.
 
     Missing ``status`` -> "complete", ``variant`` -> "lora", ``rank`` -> NaN, ``seed`` -> the
-    row order within its (variant, rank) configuration, ``trial_id`` -> "row<i>".
+    row order within its (variant, rank) configuration (marked in ``attrs[SEEDS_FROM_ROWS]``:
+    such "seeds" are not matched across configurations), ``trial_id`` -> "row<i>".
     """
     df = trials.copy().reset_index(drop=True)
     if "status" not in df:
@@ -46,6 +51,7 @@ def prepare_trials(trials: pd.DataFrame) -> pd.DataFrame:
     df["rank"] = pd.to_numeric(df["rank"], errors="coerce") if "rank" in df else np.nan
     if "seed" not in df:
         df["seed"] = df.groupby(["variant", "rank"], dropna=False).cumcount()
+        df.attrs[SEEDS_FROM_ROWS] = True  # row numbers, not seeds: nothing to pair on
     if "trial_id" not in df:
         df["trial_id"] = [f"row{i}" for i in range(len(df))]
     if "error" not in df:
