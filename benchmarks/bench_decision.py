@@ -226,21 +226,18 @@ def main() -> None:
             )
     wall = time.perf_counter() - t0
 
-    print()
-    print("## P(recommend a truly worse configuration) (Monte Carlo SE)")
-    print()
-    print("| scenario | " + " | ".join(f"{n} seeds" for n in counts) + " |")
-    print("|---|" + "---:|" * len(counts))
-    for name, rows in results.items():
-        cells = " | ".join(f"{r['p_worse']:.3f} ({r['se']:.3f})" for r in rows)
-        print(f"| {name} | {cells} |")
-    print()
-    print("## P(recommend the target: cheapest truly within the margin)")
-    print()
-    print("| scenario | " + " | ".join(f"{n} seeds" for n in counts) + " |")
-    print("|---|" + "---:|" * len(counts))
-    for name, rows in results.items():
-        print(f"| {name} | " + " | ".join(f"{r['p_target']:.3f}" for r in rows) + " |")
+    summaries = (
+        ("P(recommend a truly worse configuration) (Monte Carlo SE)",
+         lambda r: f"{r['p_worse']:.3f} ({r['se']:.3f})"),
+        ("P(recommend the target: cheapest truly within the margin)",
+         lambda r: f"{r['p_target']:.3f}"),
+    )  # fmt: skip
+    for title, fmt in summaries:
+        print(f"\n## {title}\n")
+        print("| scenario | " + " | ".join(f"{n} seeds" for n in counts) + " |")
+        print("|---|" + "---:|" * len(counts))
+        for name, rows in results.items():
+            print(f"| {name} | " + " | ".join(fmt(r) for r in rows) + " |")
     for sc in all_sc:
         if sc.name not in results:
             continue

@@ -174,13 +174,8 @@ class Design:
             c = self.cov
             var = c[i, i] + c[j, j] - 2 * c[i, j]
             return diff, math.sqrt(max(var, 0.0)), float(self.df)
-        a, b = self.values[i], self.values[j]
-        va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
-        se = math.sqrt(va + vb)
-        if se == 0:
-            return diff, 0.0, float(len(a) + len(b) - 2)
-        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-        return diff, se, float(df)
+        se, df = welch_se_df(self.values[i], self.values[j])
+        return diff, se, df
 
     def describe(self) -> str:
         if self.kind == "two-way":
@@ -191,6 +186,16 @@ class Design:
         if self.kind == "welch":
             return "Welch t per pair (the configurations do not share seeds)"
         return "no noise estimate"
+
+
+def welch_se_df(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Welch's standard error of ``mean(a) - mean(b)`` and its Welch-Satterthwaite degrees of
+    freedom (``len(a) + len(b) - 2`` when neither side varies); 2 or more values each."""
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return 0.0, float(len(a) + len(b) - 2)
+    return se, float((va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)))
 
 
 def fit_design(seeds: list[list[Any]], values: list[list[float]]) -> Design:
@@ -388,7 +393,5 @@ def _same_cost(a: np.ndarray, b: np.ndarray, alpha: float) -> bool:
         return bool(a[0] == b[0])
     if len(a) < 2 or len(b) < 2:
         return False
-    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = float(sps.t.ppf(1 - alpha / 2, df)) * math.sqrt(va + vb)
-    return abs(float(a.mean() - b.mean())) <= half
+    se, df = welch_se_df(a, b)
+    return abs(float(a.mean() - b.mean())) <= float(sps.t.ppf(1 - alpha / 2, df)) * se

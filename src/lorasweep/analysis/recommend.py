@@ -27,6 +27,7 @@ from lorasweep.analysis.decision import (
 )
 from lorasweep.analysis.explain import Decision
 from lorasweep.analysis.resample import bootstrap_diff
+from lorasweep.analysis.tables import column_mean
 
 
 def fit_noise(groups: list[Group], margin: Margin, sign: float, *, paired: bool = True) -> Design:
@@ -92,11 +93,10 @@ def _test_name(design: Design, groups: list[Group]) -> str:
 
 def assess_stability(groups: list[Group], df: pd.DataFrame, metric: str, cols: list[str]) -> None:
     """Per group: seeds that diverged, failed or collapsed, and whether it learned."""
-    by_key = {json.dumps(g.key, sort_keys=True, default=str): g for g in groups}
+    by_key = {_key_id(g.key): g for g in groups}
     for key, rows in df.groupby(cols, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
-        k = json.dumps({c: key_scalar(v) for c, v in zip(cols, key)}, sort_keys=True, default=str)
-        g = by_key.get(k)
+        g = by_key.get(_key_id({c: key_scalar(v) for c, v in zip(cols, key)}))
         if g is None:
             continue
         value = pd.to_numeric(rows[metric], errors="coerce")
@@ -105,7 +105,7 @@ def assess_stability(groups: list[Group], df: pd.DataFrame, metric: str, cols: l
         )
         g.seeds_failed = int(rows["status"].isin(["failed", "oom"]).sum())
         done = rows[(rows["status"] == "complete") & value.notna()]
-        majority = _mean(done, "majority_rate")
+        majority = column_mean(done, "majority_rate")
         acc = (
             pd.to_numeric(done.get("accuracy"), errors="coerce").dropna().to_numpy(float)
             if "accuracy" in done
@@ -142,9 +142,9 @@ def mark_eligibility(groups: list[Group], margin_abs: float, sign: float, budget
 
 
 def eval_bootstrap(groups: list[Group], metric: str) -> None:
-    by_key = {json.dumps(g.key, sort_keys=True, default=str): g for g in groups}
+    by_key = {_key_id(g.key): g for g in groups}
     for g in groups:
-        ref = by_key.get(json.dumps(g.reference, sort_keys=True, default=str))
+        ref = by_key.get(_key_id(g.reference))
         if ref is not None and g.outcomes and ref.outcomes:
             g.diff_ci_examples = bootstrap_diff(metric, ref.outcomes, g.outcomes)
 
@@ -193,8 +193,6 @@ def seeds_needed_for(
                         alpha=alpha)  # fmt: skip
 
 
-def _mean(df: pd.DataFrame, column: str) -> float | None:
-    if column not in df:
-        return None
-    v = pd.to_numeric(df[column], errors="coerce").dropna()
-    return float(v.mean()) if len(v) else None
+def _key_id(key: dict | None) -> str:
+    """A configuration key as a hashable, order-independent id."""
+    return json.dumps(key, sort_keys=True, default=str)

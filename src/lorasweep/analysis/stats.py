@@ -37,6 +37,7 @@ from lorasweep.analysis.tables import (
     SEEDS_FROM_ROWS,
     by_columns,
     ci95,
+    column_mean,
     describe,
     load_trials_table,
     memory_column,
@@ -160,8 +161,8 @@ def _groups(
                 costs=[float(x) for x in cost_all if np.isfinite(x)],
                 outcomes=_outcomes(g, seeds),
                 mem=json_scalar(mem_v),
-                params=_column_mean(g, "trainable_params"),
-                rank=_column_mean(g, "rank"),
+                params=column_mean(g, "trainable_params"),
+                rank=column_mean(g, "rank"),
             )
         )
     return out
@@ -194,12 +195,6 @@ def _outcomes(g: pd.DataFrame, seeds: list) -> dict:
         if isinstance(o, dict):
             out[s] = o
     return out
-
-
-def _column_mean(g: pd.DataFrame, column: str) -> float | None:
-    if column not in g:
-        return None
-    return json_scalar(pd.to_numeric(g.get(column), errors="coerce").mean())
 
 
 def _refuse_repeated_seeds(seeds: list, key: dict, cols: list[str]) -> None:

@@ -20,6 +20,7 @@ from lorasweep.analysis.decision import is_proportion
 
 __all__ = [
     "by_columns",
+    "column_mean",
     "ci95",
     "describe",
     "load_trials_table",
@@ -57,6 +58,14 @@ def prepare_trials(trials: pd.DataFrame) -> pd.DataFrame:
     if "error" not in df:
         df["error"] = None
     return df
+
+
+def column_mean(df: pd.DataFrame, column: str) -> float | None:
+    """The mean of a numeric column over ``df``'s rows; None when absent or nothing numeric."""
+    if column not in df:
+        return None
+    v = pd.to_numeric(df[column], errors="coerce").dropna()
+    return float(v.mean()) if len(v) else None
 
 
 def load_trials_table(path: str | Path) -> pd.DataFrame:
