@@ -37,7 +37,6 @@ FALLBACK = {
     "SweepSpec.task": "classification (sequence classification head) or causal-lm.",
     "SweepSpec.dataset": "where the data comes from and how it is cut and tokenized.",
     "SweepSpec.lora": "LoRA settings shared by every variant (each variant overrides them).",
-    "SweepSpec.grid": "the values crossed with every variant that has no rank of its own.",
     "SweepSpec.seeds": "one trial per seed for every configuration; the same seeds everywhere "
     "(paired tests).",
     "DatasetSpec.text_column": "the column with the input text.",
@@ -57,7 +56,6 @@ FALLBACK = {
     "AdapterSpec.deltaT": "AdaLoRA: steps between two budget allocations (default total/15).",
     "AdapterSpec.orth_reg_weight": "AdaLoRA: weight of the orthogonality regularizer "
     "(default 0.5).",
-    "GridSpec.rank": "LoRA ranks crossed with every variant that has no rank of its own.",
 }
 
 
@@ -160,6 +158,13 @@ def rows(
         }
         if nested is not None and nested not in seen:
             yield from rows(nested, path + ".", seen)
+            if nested.model_config.get("extra") == "allow":  # grid: any setting as a key
+                yield {
+                    "key": path + ".<setting>",
+                    "type": "list",
+                    "default": "-",
+                    "meaning": " ".join((nested.__doc__ or "").split()),
+                }
         elif dict_model is not None and dict_model not in seen:
             yield from rows(dict_model, path + ".", seen)
 

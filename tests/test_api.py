@@ -231,3 +231,39 @@ def test_notebook_example_runs(
     assert (tmp_path / "nb" / "metric_vs_rank_notebook.png").read_bytes().startswith(PNG)
     assert (tmp_path / "nb" / "report.html").exists()
     assert isinstance(ns["summary"], pd.DataFrame) and not ns["summary"].empty
+
+
+def test_tune_and_select_on_in_the_api(
+    judged: Results, results: Results, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tune``/``select_on`` pass through as the CLI's --tune/--select-on; the spec's
+    ``tune:`` is the default, ``tune=[]`` turns it off."""
+    from lorasweep.analysis import stats
+    from lorasweep.store import open_store
+
+    # for real: the rank tuned per variant, chosen and compared on the same data
+    a = results.analysis(tune="rank", by="variant")
+    assert a["tuning"]["tuned"] == ["rank"] and a["tuning"]["same_data"] is True
+    assert len(a["groups"]) == 1 and set(a["groups"][0]["key"]) == {"variant", "rank"}
+    assert any("winner's curse" in f for f in a["flags"])
+    with pytest.raises(ValueError, match="^select_on: 'f1' is used only with tune"):
+        results.analysis(select_on="f1")
+    with pytest.raises(ValueError, match="heatmap: needs two factors"):
+        results.plot_heatmap()  # only the rank varies
+
+    real, seen = stats.analyze, []
+
+    def spy(trials, **kwargs):
+        seen.append(dict(kwargs))
+        kwargs.pop("tune", None), kwargs.pop("select_on", None)
+        return real(trials, **kwargs)
+
+    monkeypatch.setattr(stats, "analyze", spy)
+    with open_store(judged.out_dir) as store:
+        store.set_meta(spec={**store.meta()["spec"], "tune": ["learning_rate"]})
+    judged.analysis()
+    assert seen[-1] == {"margin": "2%", "tune": ["learning_rate"]}
+    judged.analysis(tune=[], select_on=None)
+    assert seen[-1] == {"margin": "2%", "tune": []}
+    judged.analysis(tune="warmup_steps", select_on="f1")
+    assert seen[-1] == {"margin": "2%", "tune": "warmup_steps", "select_on": "f1"}

@@ -75,6 +75,8 @@ def model_paths(
         out.add(path)
         if sub is not None and sub not in seen:
             out |= model_paths(sub, path + ".", seen)
+            if sub.model_config.get("extra") == "allow":  # grid: any setting is a key
+                out.add(path + ".<setting>")
     return out
 
 
@@ -88,6 +90,7 @@ def test_every_spec_key_is_documented_and_every_documented_key_exists() -> None:
     assert not stale, f"keys in docs/spec.md that spec.py does not have: {stale}{fix}"
     # spot checks of the walk itself
     assert {"dataset.max_length", "lora.alpha", "grid.rank", "variants.<name>"} <= actual
+    assert {"grid.<setting>", "search.space", "tune"} <= actual
 
 
 def test_documented_defaults_and_types_match_the_models() -> None:

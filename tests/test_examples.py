@@ -152,3 +152,14 @@ def test_unknown_columns_key_is_a_one_line_error():
     ).model_dump()
     with pytest.raises(DataError, match=r"dataset.columns: unknown key 'instruktion'"):
         format_spec(dspec)
+
+
+def test_rank_by_lr_is_the_issue_study():
+    """examples/rank-by-lr.yaml: ranks x learning rates x seeds, the learning rate tuned per
+    rank on validation and the ranks compared on a separate test split."""
+    spec = parse_spec(ROOT / "examples/rank-by-lr.yaml")
+    trials = spec.trials()
+    assert len(trials) == 18 and spec.tune == ["learning_rate"]
+    assert {t.rank for t in trials} == {4, 32} and len(spec.seeds) == 3
+    assert {t.config["training"]["learning_rate"] for t in trials} == {3e-4, 1e-3, 3e-3}
+    assert spec.dataset.test_fraction and spec.model == "builtin:minilm-l6"

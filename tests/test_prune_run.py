@@ -263,3 +263,28 @@ def test_a_paused_trial_resumed_without_prune_runs_from_its_checkpoint_to_the_en
             assert t["metrics"]["train_segments"] == 2  # step 0->2, then 2->4 from the checkpoint
             for k in ("accuracy", "eval_loss", "train_loss", "train_tokens"):
                 assert t["metrics"][k] == pytest.approx(ref[t["id"]]["metrics"][k], abs=1e-6)
+
+
+def test_prune_works_over_a_grid_of_any_setting(tiny_bert_dir, tiny_csv, tmp_path):
+    """Successive halving over a rank x learning-rate grid: configurations are told apart by
+    every setting that varies (the learning-rate 1e3 point is dropped, its rank kept)."""
+    from lorasweep.run.sweep import run_sweep
+    from lorasweep.store import open_store
+
+    spec = tiny_classification_spec(
+        tiny_bert_dir,
+        tiny_csv,
+        training={"per_device_train_batch_size": 8, "max_steps": 8},
+        grid={"rank": [4], "learning_rate": [1e-3, 1e3]},
+        seeds=[0, 1, 2, 3],
+    )
+    outcome = run_sweep(spec, tmp_path, backend="inprocess", quiet=True, report=False,
+                        prune=_settings())  # fmt: skip
+    assert outcome.statuses == {"complete": 4, "pruned": 4}
+    with open_store(tmp_path) as store:
+        meta, trials = store.meta()["prune"], store.trials()
+        df = store.trials_frame()
+    assert meta["decisions"][0]["drop"] == ["lora r=4 lr=1000"]
+    pruned = {t["label"] for t in trials if t["status"] == "pruned"}
+    assert pruned == {f"lora/r=4/lr=1000/seed={s}" for s in range(4)}
+    assert set(df.loc[df["status"] == "pruned", "learning_rate"]) == {1e3}

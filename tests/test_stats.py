@@ -241,7 +241,11 @@ def test_result_shape_is_strict_json(trials):
     r = stats.analyze(trials)
     text = json.dumps(r, allow_nan=False)  # raises on NaN
     assert set(r) == {"metric", "direction", "cost", "margin", "design", "groups", "best",
-                      "recommended", "criterion", "seeds_needed", "reason", "flags"}  # fmt: skip
+                      "recommended", "criterion", "seeds_needed", "reason", "flags", "tuning",
+                      "factors", "interaction"}  # fmt: skip
+    assert r["tuning"] is None and r["interaction"] is None  # one factor (rank), nothing tuned
+    assert set(r["factors"]) == {"metric", "by", "names", "balanced", "note", "marginal"}
+    assert r["factors"]["by"] == ["variant", "rank"] and r["factors"]["names"] == ["rank"]
     assert set(r["margin"]) == {"value", "relative", "absolute", "default"}
     assert set(r["design"]) == {"model", "sigma", "df", "balanced", "outliers_left_out"}
     keys = ["key", "n", "mean", "std", "ci95", "p_value", "p_adjusted", "test",

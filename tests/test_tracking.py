@@ -212,9 +212,9 @@ def test_sweep_logs_one_run_per_trial_to_mlflow_and_tensorboard(
         "task": "classification",
         "model": str(tiny_bert_dir),
         "dataset": {"source": str(tiny_csv), "max_length": 32, "max_eval_examples": 24},
-        "training": {"learning_rate": 1e-3, "per_device_train_batch_size": 8, "max_steps": 3},
+        "training": {"per_device_train_batch_size": 8, "max_steps": 3},
         "lora": {"target_modules": ["query", "value"], "alpha": "2*rank", "dropout": 0.0},
-        "grid": {"rank": [2, 4]},
+        "grid": {"rank": [2], "learning_rate": [1e-3, 2e-3]},
         "seeds": [0],
         "report_to": ["mlflow", "tensorboard"],
     }
@@ -227,7 +227,9 @@ def test_sweep_logs_one_run_per_trial_to_mlflow_and_tensorboard(
     runs = _mlflow_runs(clean_env, "tracked")
     by_name = {r.info.run_name: r for r in runs}
     assert (
-        sorted(by_name) == sorted(trials) == ["tracked/lora/r=2/seed=0", "tracked/lora/r=4/seed=0"]
+        sorted(by_name)
+        == sorted(trials)
+        == ["tracked/lora/r=2/lr=0.001/seed=0", "tracked/lora/r=2/lr=0.002/seed=0"]
     )
     for name, run in by_name.items():
         assert run.info.status == "FINISHED"
@@ -243,6 +245,8 @@ def test_sweep_logs_one_run_per_trial_to_mlflow_and_tensorboard(
         assert run.data.metrics["final/accuracy"] == pytest.approx(acc)
         assert run.data.tags["lorasweep.status"] == "complete"
         assert run.data.tags["lorasweep.trial_id"] == trials[name]["id"]
+        lr = trials[name]["config"]["training"]["learning_rate"]  # the grid's setting, tagged
+        assert run.data.tags["lorasweep.learning_rate"] == str(lr)
         # TensorBoard: out/tensorboard/<sweep>/<variant>/r=<r>/seed=<s>, kept after the trial
         scalars = _tb_scalars(out / "tensorboard" / name)
         assert "train/loss" in scalars

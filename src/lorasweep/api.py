@@ -192,7 +192,13 @@ class Results:
         return pruning_summary(state, trials) if state else None
 
     # -- statistics
-    def analysis(self, **kwargs: Any) -> dict[str, Any]:
+    def analysis(
+        self,
+        *,
+        tune: str | list[str] | None = None,
+        select_on: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         """``stats.analyze`` of the trials; keyword arguments as there (metric, direction, by,
         cost, margin, memory_budget_gb, alpha; tolerance is a deprecated alias of an absolute
         margin).
@@ -201,13 +207,21 @@ class Results:
         recommended, a number in the metric's units (``0.01``) or a percentage of the best mean
         (``"2%"``). Not given (or None): the spec's ``analysis.margin``, else the metric's
         default, as in the report and ``lorasweep analyze DIR``.
+
+        ``tune``: settings chosen per configuration of the others before the comparison
+        (``["learning_rate"]``; nested selection, docs/report.md); not given: the spec's
+        ``tune:``, ``[]`` turns it off. ``select_on``: the column the tuned value is chosen on
+        (default: the validation metric when comparing on a test metric, else the metric).
+        The result then has ``tuning`` (what was chosen), and always ``factors`` (marginal
+        means) and ``interaction`` (a sentence, or None).
         """
         from lorasweep.analysis.stats import analyze
         from lorasweep.spec import analysis_kwargs
 
         with self._store() as store:
             trials, recorded = store.trials_frame(), store.meta().get("spec")
-        return analyze(trials, **analysis_kwargs(recorded, kwargs))
+        given = {**kwargs, "tune": tune, "select_on": select_on}
+        return analyze(trials, **analysis_kwargs(recorded, given))
 
     def summary(self, **kwargs: Any) -> pd.DataFrame:
         """One row per configuration: n, mean, std, 95% CI, adjusted p-value and cost of the
@@ -316,6 +330,19 @@ class Results:
 
         metric = self._metric(metric)
         return _inline(plots.plot_efficiency(plots.efficiency_data(self.trials, metric, direction)))
+
+    def plot_heatmap(self, **kwargs: Any) -> Figure:
+        """The mean metric over two factors (rank by learning rate, ...), the best cell of each
+        row and the tuned choices marked, as in the report; keyword arguments as
+        ``analysis``. ValueError when no two factors vary crossed."""
+        from lorasweep.analysis import heatmap
+
+        fig = heatmap.heatmap_figure(self.trials, self.analysis(**kwargs))
+        if fig is None:
+            raise ValueError(
+                "heatmap: needs two factors that vary crossed (e.g. rank and learning_rate)"
+            )
+        return _inline(fig)
 
     def plot_loss_curves(self, curve: str = "train_loss") -> Figure:
         """Training loss per step, averaged over seeds, one line per configuration."""

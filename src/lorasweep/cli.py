@@ -59,6 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         address=getattr(args, "address", None),
         quiet=args.quiet,
         prune=prune,
+        yes=getattr(args, "yes", False),
     )
     _print_outcome(outcome)
     return _failure_summary(outcome)
@@ -110,23 +111,20 @@ def _print_outcome(outcome: Any) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from lorasweep.records import settings_of, varying_settings
     from lorasweep.store import open_store
 
     with open_store(args.dir) as store:
         trials = store.trials()
-    rows = [
-        {
-            "id": t["id"],
-            "status": t["status"],
-            "seed": t["seed"],
-            "rank": t["rank"],
-            "variant": t["variant"],
-            "metrics": t["metrics"],
-            "error": t["error"],
-            "paused": paused_of(t["artifacts"]),
-        }
-        for t in trials
-    ]
+    columns = varying_settings([t["config"] for t in trials])  # one per setting that varies
+    rows = []
+    for t in trials:
+        flat = settings_of(t["config"])
+        row = {"id": t["id"], "status": t["status"], "seed": t["seed"], "rank": t["rank"],
+               "variant": t["variant"]}  # fmt: skip
+        row.update({c: flat.get(k) for k, c in columns.items() if c not in row})
+        row.update(metrics=t["metrics"], error=t["error"], paused=paused_of(t["artifacts"]))
+        rows.append(row)
     if args.json:
         print(json.dumps({"trials": rows}, indent=2))
         return 0
@@ -134,7 +132,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     print(f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    print(f"{'id':12}  {'status':9} {'variant':12} {'rank':>5} {'seed':>4}  metric")
+    extra = [c for c in columns.values() if c not in ("variant", "rank", "seed")]
+    widths = {c: max([len(c), *(len(_cell(r.get(c))) for r in rows)]) for c in extra}
+    head = "".join(f" {c:>{widths[c]}}" for c in extra)
+    print(f"{'id':12}  {'status':9} {'variant':12} {'rank':>5}{head} {'seed':>4}  metric")
     for r in rows:
         m = r["metrics"]
         shown = " ".join(f"{k}={m[k]:.4g}" for k in HEADLINE_METRICS if m.get(k) is not None)
@@ -143,8 +144,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         if r["error"]:
             shown += " " + r["error"].splitlines()[-1][:80]
         rank = "-" if r["rank"] is None else r["rank"]
-        print(f"{r['id']:12}  {r['status']:9} {r['variant']:12} {rank:>5} {r['seed']:>4}  {shown}")
+        cells = "".join(f" {_cell(r.get(c)):>{widths[c]}}" for c in extra)
+        print(
+            f"{r['id']:12}  {r['status']:9} {r['variant']:12} {rank:>5}{cells} {r['seed']:>4}"
+            f"  {shown}"
+        )
     return 0
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -174,6 +187,18 @@ def _margin_option(args: argparse.Namespace) -> str | None:
     return args.margin
 
 
+def _tune_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--tune a,b`` (``none``: no tuning, whatever the spec says) and ``--select-on COL``;
+    None where not given, so the spec's ``tune:`` stays."""
+    tune = None
+    if args.tune is not None:
+        tune = [t.strip() for t in args.tune.split(",") if t.strip()]
+        if not tune:
+            raise UserError(f"--tune: {args.tune!r} names no setting; use e.g. learning_rate")
+        tune = [] if tune == ["none"] else tune
+    return {"tune": tune, "select_on": args.select_on}
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     margin = _margin_option(args)  # before anything loads
     if margin is not None and args.tolerance is not None:
@@ -201,6 +226,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         "margin": margin,
         "tolerance": args.tolerance,  # deprecated alias of an absolute margin
         "memory_budget_gb": args.memory_budget,
+        **_tune_options(args),
     }
     result = analyze(df, **analysis_kwargs(recorded, given))
     print(json.dumps(result, indent=2) if args.json else format_analysis(result))
@@ -214,7 +240,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     with open_store(args.dir) as store:
         rows = store.trials()
-    path = write_run_report(args.dir, analysis_kwargs={"margin": margin})
+    path = write_run_report(args.dir, analysis_kwargs={"margin": margin, **_tune_options(args)})
     if path is None:
         counts: dict[str, int] = {}
         for t in rows:

@@ -18,6 +18,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (auto or HOST:PORT)")
     p.add_argument("--quiet", action="store_true", help="no live progress display")
     p.add_argument(
+        "--yes",
+        action="store_true",
+        help="start a sweep of more trials than the confirmation threshold without asking",
+    )
+    p.add_argument(
         "--prune",
         action="store_true",
         help="successive halving: drop configurations significantly worse than the best at "
@@ -99,7 +104,11 @@ def _analyze_command(sub: Any) -> None:
     s.add_argument("source", help="a run folder, or a CSV/JSON of per-trial rows")
     s.add_argument("--metric")
     s.add_argument("--direction", choices=["min", "max"])
-    s.add_argument("--by", help="grouping columns, comma separated (default: variant,rank)")
+    s.add_argument(
+        "--by",
+        help="grouping columns, comma separated (default: variant,rank and every setting that "
+        "varies, such as learning_rate)",
+    )
     s.add_argument("--cost", help="cost column (default: train_seconds)")
     _margin_arg(s)
     s.add_argument(
@@ -108,7 +117,26 @@ def _analyze_command(sub: Any) -> None:
         help="deprecated: use --margin (the same, in metric units)",
     )
     s.add_argument("--memory-budget", type=float, help="GB")
+    _tune_args(s)
     s.add_argument("--json", action="store_true")
+
+
+def _tune_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--tune",
+        default=None,
+        metavar="SETTING[,SETTING]",
+        help="choose these settings (e.g. learning_rate) per configuration of the others on "
+        "--select-on, then compare the tuned configurations (default: the spec's tune:; "
+        "'none' turns it off)",
+    )
+    s.add_argument(
+        "--select-on",
+        default=None,
+        metavar="COLUMN",
+        help="the column the tuned value is chosen on (default: the validation metric of a "
+        "test metric, e.g. accuracy for test_accuracy; else the compared metric itself)",
+    )
 
 
 def _margin_arg(s: argparse.ArgumentParser) -> None:
@@ -126,6 +154,7 @@ def _report_command(sub: Any) -> None:
     s = sub.add_parser("report", help="write DIR/report.html")
     s.add_argument("dir")
     _margin_arg(s)
+    _tune_args(s)
 
 
 def _estimate_command(sub: Any) -> None:

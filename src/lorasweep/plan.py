@@ -7,15 +7,32 @@ attribute, so ``spec`` can import it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING, Any
 
-from lorasweep.records import Trial
+from lorasweep.records import Trial, canonical_json
+from lorasweep.space import (
+    describe_size,
+    grid_points,
+    lora_axes,
+    search_points,
+    split_point,
+    varying_keys,
+)
 
 if TYPE_CHECKING:
     from lorasweep.spec import AdapterSpec, AlphaPolicy, SweepSpec
 
 DEFAULT_RSLORA_ALPHA = 16.0
+# dataset keys added after 0.1: left out of a trial's config while unset, so that the trial ids
+# of runs recorded before they existed do not change
+LATER_DATASET_KEYS = ("test_fraction", "test_split", "eval_file", "test_file", "max_test_examples")
+
+
+def dataset_config(dataset: dict[str, Any]) -> dict[str, Any]:
+    """The ``dataset`` block of a trial config: the spec's, without later keys left unset."""
+    return {k: v for k, v in dataset.items() if not (k in LATER_DATASET_KEYS and v is None)}
 
 
 def planned_steps(training: dict, n_train: int) -> int:
@@ -163,32 +180,74 @@ def _pattern_alphas(
 
 
 def plan(spec: SweepSpec) -> list[Trial]:
-    """Every trial of the sweep, in a deterministic order (variant, rank, seed).
+    """Every trial of the sweep, in a deterministic order (variant, rank, point, seed).
+    # long: the crossing rules (standalone variants, settings a variant fixes) in one place
 
     A trial's config is fully resolved (defaults applied), so its id changes exactly when
-    something that affects its result changes, and not when the sweep is renamed.
+    something that affects its result changes, and not when the sweep is renamed. A point (one
+    value per grid axis other than rank, times one search sample) goes into the adapter or the
+    training arguments; a variant that sets a key itself does not cross that axis, one with its
+    own rank (or AdaLoRA, or a rank pattern) does not cross the ranks.
     """
     variants = spec.variants or {"lora": type(spec.lora)()}  # the default variant
     common = {
         "task": spec.task,
         "model": spec.model,
-        "dataset": spec.dataset.model_dump(),
+        "dataset": dataset_config(spec.dataset.model_dump()),
     }
-    trials: list[Trial] = []
+    lora = lora_axes(type(spec.lora))
+    sampled = (
+        search_points(spec.search.method, spec.search.n, spec.search.seed, spec.search.space)
+        if spec.search
+        else [{}]
+    )
+    points = [{**g, **s} for g in grid_points(spec.grid.axes()) for s in sampled]
+    searched_rank = spec.search is not None and "rank" in spec.search.space
+    rows: list[tuple[str, int | None, dict[str, Any], dict[str, Any]]] = []
     for vname, vspec in variants.items():
-        adapter = merge_adapter(spec.lora, vspec)
-        training = {**spec.training, **(adapter.pop("training", None) or {})}
-        ranks: list[int | None] = [None] if is_standalone(adapter) else list(spec.grid.rank)
-        for r in ranks:
-            ad = adapter_config(adapter, r)
-            row_rank = None if adapter.get("rank_pattern") else ad.get("r", ad.get("target_r"))
+        base = merge_adapter(spec.lora, vspec)
+        base_training = {**spec.training, **(base.pop("training", None) or {})}
+        own = vspec.model_fields_set | set(vspec.training or {})
+        standalone = is_standalone(base)
+        ranks: list[int | None] = [None] if standalone or searched_rank else list(spec.grid.rank)
+        seen: set[str] = set()
+        for r, pt in itertools.product(ranks, points):
+            pt = {k: v for k, v in pt.items() if k not in own}
+            r = None if standalone else pt.pop("rank", r)
+            marker = canonical_json([r, pt])
+            if marker in seen:  # the variant fixes a key that told two points apart
+                continue
+            seen.add(marker)
+            lora_pt, training_pt = split_point(pt, lora)
+            ad = adapter_config({**base, **lora_pt}, r)
+            row_rank = None if base.get("rank_pattern") else ad.get("r", ad.get("target_r"))
             cfg = {
                 **common,
                 "variant": vname,
-                "training": training,
+                "training": {**base_training, **training_pt},
                 "adapter": ad,
                 "report_to": spec.report_to,
             }
-            for seed in spec.seeds:
-                trials.append(Trial(config=cfg, variant=vname, rank=row_rank, seed=seed))
-    return trials
+            rows.append((vname, row_rank, cfg, pt))
+    shown = varying_keys(pt for *_, pt in rows)
+    return [
+        Trial(
+            config=cfg,
+            variant=vname,
+            rank=r,
+            seed=seed,
+            point={k: pt[k] for k in shown if k in pt},
+        )
+        for vname, r, cfg, pt in rows
+        for seed in spec.seeds
+    ]
+
+
+def describe_plan(spec: SweepSpec, trials: list[Trial]) -> str:
+    """``4 ranks x 3 learning_rate x 3 seeds -> 36 trials``: the size of the plan, in words."""
+    axes = {k: len(v) for k, v in spec.grid.axes().items() if isinstance(v, list)}
+    searched_rank = spec.search is not None and "rank" in spec.search.space
+    ranks = None if searched_rank else len(spec.grid.rank)
+    samples = spec.search.n if spec.search else None
+    n_variants = len(spec.variants or {"lora": None})
+    return describe_size(n_variants, ranks, axes, samples, len(spec.seeds), len(trials))

@@ -10,10 +10,13 @@ Metric names (keys of ``TrialResult.metrics`` and columns of ``Store.trials_fram
 ``eval_loss``                  mean eval loss (token-weighted for causal LM)
 ``eval_tokens``                causal LM: number of target tokens scored in eval
 ``majority_rate``              classification: share of the most frequent label in the eval set
+``test_<metric>``              the same metric on the test split, when the dataset has one
+                               (``test_accuracy``, ``test_f1``, ``test_loss``, ``test_perplexity``)
 ``train_loss``                 mean training loss over the last logging window
 ``train_seconds``              wall seconds of the training loop alone
 ``load_seconds``               wall seconds of loading data, model and peft wrapping
 ``eval_seconds``               wall seconds of the final evaluation
+``test_seconds``               wall seconds of the evaluation on the test split (when one)
 ``examples_per_second``        training examples per training-loop second
 ``tokens_per_second``          non-padding training tokens per training-loop second
 ``trainable_params``           parameters with requires_grad (peft's own count)
@@ -80,6 +83,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "eval_loss": False,
     "train_loss": False,
 }
+HIGHER_IS_BETTER.update(test_accuracy=True, test_f1=True, test_perplexity=False, test_loss=False)
 
 # Eval metrics each task's evaluation produces (each with an eval_<metric> curve). The first is
 # the task's default metric: what ``stats.analyze`` compares, the pruning rungs test and the
@@ -101,6 +105,25 @@ def default_metric(task: Any) -> str | None:
 def eval_curve(metric: str) -> str:
     """The stored curve of an eval metric over steps: eval_accuracy, eval_loss, eval_perplexity."""
     return "eval_" + metric.removeprefix("eval_")
+
+
+TEST_PREFIX = "test_"
+
+
+def test_metric(metric: str) -> str:
+    """The name of an eval metric measured on the test split: ``accuracy`` -> ``test_accuracy``,
+    ``eval_loss`` -> ``test_loss``. Selection (pruning, tuning) reads the eval (validation)
+    metric; the final comparison reads this one when the run has a test split."""
+    return TEST_PREFIX + metric.removeprefix("eval_")
+
+
+def selection_metric(metric: str) -> str:
+    """The validation metric of a test metric (``test_loss`` -> ``eval_loss``); a metric that is
+    not a test metric is returned as it is."""
+    if not metric.startswith(TEST_PREFIX):
+        return metric
+    base = metric.removeprefix(TEST_PREFIX)
+    return "eval_loss" if base == "loss" else base
 
 
 def canonical_json(obj: Any) -> str:
@@ -255,12 +278,17 @@ class Trial:
     arguments, adapter settings); ``variant``, ``rank`` and ``seed`` are repeated as
     columns for grouping. The id is a short hash of the canonical JSON of config + seed,
     so the same configuration always gets the same id, across runs and machines.
+
+    ``point`` names the other settings of the grid or search that this trial takes
+    (``{"learning_rate": 4e-4}``): it is for labels only (the values are in ``config``), so it
+    is not part of the id.
     """
 
     config: TrialConfig
     variant: str
     rank: int | None
     seed: int
+    point: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def id(self) -> str:
@@ -269,16 +297,95 @@ class Trial:
 
     @property
     def label(self) -> str:
-        """Human name: ``variant/r=8/seed=0``."""
+        """Human name: ``variant/r=8/seed=0``, with the grid's other settings:
+        ``lora/r=8/lr=0.0004/seed=0``."""
         r = "r=-" if self.rank is None else f"r={self.rank}"
-        return f"{self.variant}/{r}/seed={self.seed}"
+        extra = "".join(f"/{setting_label(k, v)}" for k, v in self.point.items())
+        return f"{self.variant}/{r}{extra}/seed={self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Trial:
-        return cls(config=d["config"], variant=d["variant"], rank=d["rank"], seed=d["seed"])
+        return cls(
+            config=d["config"],
+            variant=d["variant"],
+            rank=d["rank"],
+            seed=d["seed"],
+            point=dict(d.get("point") or {}),
+        )
+
+
+# adapter keys that follow the rank under one alpha policy: they differ between the ranks of one
+# grid by design, so they are not settings of their own
+RANK_DEPENDENT = ("r", "alpha", "scale")
+# config keys that say where results are logged, not how they are made
+NOT_SETTINGS = ("report_to", "variant")
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"training": {"max_steps": 5}}`` -> ``{"training.max_steps": 5}`` (empty dicts kept)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def settings_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of a trial config, flattened (``training.max_steps``): everything except the
+    rank and what follows from it, the variant's name and the logging targets."""
+    cfg = {k: v for k, v in config.items() if k not in NOT_SETTINGS}
+    adapter = dict(cfg.get("adapter") or {})
+    for k in RANK_DEPENDENT:
+        adapter.pop(k, None)
+    cfg["adapter"] = adapter
+    return flatten(cfg)
+
+
+def varying_settings(configs: list[Mapping[str, Any]]) -> dict[str, str]:
+    """Setting columns for the trials of one table: flattened key -> column name, for every
+    setting whose value differs between ``configs``. The column is the key's last part
+    (``training.learning_rate`` -> ``learning_rate``), the full key where two would clash."""
+    flat = [settings_of(c) for c in configs]
+    keys: dict[str, set[str]] = {}
+    for f in flat:
+        for k, v in f.items():
+            keys.setdefault(k, set()).add(canonical_json(v))
+    for f in flat:  # a key missing from some configs varies too
+        for k in keys:
+            if k not in f:
+                keys[k].add("<missing>")
+    varying = [k for k, vs in keys.items() if len(vs) > 1 and not k.startswith("dataset.")]
+    short = [k.rsplit(".", 1)[-1] for k in varying]
+    return {k: (s if short.count(s) == 1 else k) for k, s in zip(varying, short)}
+
+
+# Short names of settings in labels (``lr=0.0004``); other settings keep their own name.
+SHORT_NAMES = {
+    "learning_rate": "lr",
+    "weight_decay": "wd",
+    "warmup_ratio": "warmup",
+    "per_device_train_batch_size": "bs",
+    "gradient_accumulation_steps": "accum",
+    "num_train_epochs": "epochs",
+    "target_modules": "targets",
+}
+
+
+def setting_label(key: str, value: Any) -> str:
+    """``lr=0.0004``, ``alpha=2*rank``, ``targets=query,value``: one setting in a label."""
+    if isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, list | tuple):
+        text = ",".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return f"{SHORT_NAMES.get(key, key)}={text}"
 
 
 @dataclass

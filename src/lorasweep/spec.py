@@ -16,11 +16,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lorasweep.analysis.decision import parse_margin
-from lorasweep.plan import adalora_schedule, merge_adapter, plan
+from lorasweep.plan import plan
 from lorasweep.records import Trial
+from lorasweep.spec_checks import (  # noqa: F401 - re-exported
+    ADALORA_KEYS,
+    NOT_ADALORA_KEYS,
+    RESERVED_TRAINING_KEYS,
+    lora_keys,
+    space_errors,
+    variant_errors,
+)
 
 
 def path_safe(name: str) -> str:
@@ -71,16 +86,58 @@ class DatasetSpec(_Strict):
     """causal LM formats with a prompt: also compute the loss on prompt tokens."""
     train_split: str = "train"
     eval_split: str | None = None
-    """hub datasets: the eval split (default: validation, else test, else carved from train)."""
+    """hub datasets: the eval (validation) split, which the curves, the pruning rungs and the
+    main metrics use (default: validation, else test unless a test split is asked for, else
+    carved from train)."""
+    test_split: str | None = None
+    """hub datasets: the split used as the test split (e.g. "test"), scored once at the end of
+    every trial for the final comparison (the test_* metrics)."""
     config_name: str | None = None
     """hub datasets: the configuration name passed to datasets.load_dataset."""
+    eval_file: str | None = None
+    """a local source: a data file (same formats as a local source) used as the eval split
+    instead of one carved from the source."""
+    test_file: str | None = None
+    """a local source: a data file (same formats as a local source) used as the test split."""
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     """used when the source has no eval split (seeded, stratified for classification)."""
+    test_fraction: float | None = Field(None, gt=0, lt=1)
+    """carve a test split of this share of the rows (after de-duplication, out of what the eval
+    split leaves, so the eval examples stay the same; seeded by split_seed, stratified for
+    classification). Not with test_split or test_file; without any of the three there is no
+    test split."""
     split_seed: int = 0
-    """seed of the train/eval split and of the example subsampling; the same for every trial."""
+    """seed of the train/eval/test split and of the example subsampling; the same for every
+    trial."""
     max_train_examples: int | None = Field(None, gt=0)
     max_eval_examples: int | None = Field(None, gt=0)
+    max_test_examples: int | None = Field(None, gt=0)
+    """subsample the test split to this many examples (seeded by split_seed)."""
     max_length: int = Field(128, gt=0)
+
+    @model_validator(mode="after")
+    def _splits(self) -> DatasetSpec:
+        """One line per split setting the source cannot take or that contradicts another
+        (``sources.split_key_problems``), each located at its own key so that the spec's error
+        printer shows the line as it is."""
+        from pydantic_core import InitErrorDetails, PydanticCustomError
+
+        from lorasweep.training.sources import split_key_problems
+
+        problems = split_key_problems(self.model_dump(), self.model_fields_set)
+        if not problems:
+            return self
+        raise ValidationError.from_exception_data(
+            type(self).__name__,
+            [
+                InitErrorDetails(
+                    type=PydanticCustomError("dataset_splits", "{line}", {"line": line}),
+                    loc=(key,),
+                    input=getattr(self, key),
+                )
+                for key, line in problems
+            ],
+        )
 
 
 class AdapterSpec(_Strict):
@@ -139,8 +196,16 @@ class AdapterSpec(_Strict):
         return v
 
 
-class GridSpec(_Strict):
+class GridSpec(BaseModel):
+    """any other lora: key (alpha, dropout, target_modules, method, ...) or transformers
+    TrainingArguments name (learning_rate, warmup_steps, weight_decay, ...) -> a list of values,
+    crossed with the ranks, each other and every variant that does not set that key itself;
+    validated like the key's own form."""
+
+    model_config = ConfigDict(extra="allow")
+
     rank: list[int] = Field(default_factory=lambda: [8])
+    """LoRA ranks crossed with every variant that has no rank of its own."""
 
     @field_validator("rank")
     @classmethod
@@ -151,6 +216,26 @@ class GridSpec(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"ranks must be distinct, got {v}")
         return v
+
+    def axes(self) -> dict[str, list[Any]]:
+        """The grid's settings other than rank, in the spec's order: name -> values."""
+        return dict(self.model_extra or {})
+
+
+class SearchSpec(_Strict):
+    """Sampled configurations instead of (or crossed with) a grid."""
+
+    method: Literal["random", "sobol"] = "random"
+    """random (numpy PCG64) or sobol (scrambled Sobol, quasi-random: covers the space more
+    evenly); both seeded, so a re-run plans the same trials and a larger n keeps the first."""
+    n: int = Field(gt=0)
+    """number of sampled configurations (each crossed with every seed)."""
+    seed: int = 0
+    """the sampler's seed (not a training seed)."""
+    space: dict[str, Any]
+    """setting -> a list of values (a choice), or {log_uniform: [low, high]}, {uniform: [low,
+    high]}, {int_uniform: [low, high]}; any key a grid takes. Floats are rounded to 3
+    significant digits."""
 
 
 class AnalysisSpec(_Strict):
@@ -181,6 +266,14 @@ class SweepSpec(_Strict):
     """HF TrainingArguments names and values, shared by every trial."""
     lora: AdapterSpec = Field(default_factory=AdapterSpec)
     grid: GridSpec = Field(default_factory=GridSpec)
+    """rank and any other lora: key or TrainingArguments name -> a list of values, all crossed:
+    ``{rank: [4, 16], learning_rate: [1.0e-4, 1.0e-3]}``."""
+    search: SearchSpec | None = None
+    """sampled configurations (random or Sobol), crossed with the grid's axes and the seeds."""
+    tune: list[str] = Field(default_factory=list)
+    """settings chosen per configuration of the others on the validation metric (nested
+    selection), e.g. [learning_rate]; the recommendation then compares tuned configurations on
+    the test split. Read by the analysis only (changing it trains nothing)."""
     variants: dict[str, AdapterSpec] | None = None
     """named variants; each overrides ``lora:``. Default: one variant named "lora"."""
     seeds: list[int] = Field(default_factory=lambda: [0])
@@ -239,17 +332,9 @@ def analysis_kwargs(
     defaults = {k: v for k, v in section.items() if v is not None}
     if "margin" in given or "tolerance" in given:
         defaults.pop("margin", None)
+    if (recorded_spec or {}).get("tune"):
+        defaults["tune"] = list(recorded_spec["tune"])
     return {**defaults, **given}
-
-
-# Keys of TrainingArguments that lorasweep sets itself for every trial.
-RESERVED_TRAINING_KEYS = {
-    "output_dir": "set by lorasweep per trial",
-    "seed": "use the spec's top-level seeds list",
-    "data_seed": "use the spec's top-level seeds list",
-    "report_to": "use the spec's top-level report_to",
-    "do_eval": "evaluation is always done by lorasweep",
-}
 
 
 def _fmt_loc(loc: tuple[Any, ...]) -> str:
@@ -298,88 +383,7 @@ def parse_spec(data: dict[str, Any] | str | Path) -> SweepSpec:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(_pydantic_errors(exc)) from None
-    errors = variant_errors(spec)
+    errors = space_errors(spec) or variant_errors(spec)
     if errors:
         raise SpecError(errors)
     return spec
-
-
-# --------------------------------------------------------------------------------------------
-# Variants: which keys each method understands, checked on the merged settings
-
-ADALORA_KEYS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "orth_reg_weight")
-NOT_ADALORA_KEYS = {
-    "rank": "AdaLoRA sets ranks with init_r and target_r",
-    "rank_pattern": "AdaLoRA allocates the ranks itself",
-    "alpha_pattern": "AdaLoRA has one alpha",
-}
-
-
-def variant_errors(spec: SweepSpec) -> list[str]:
-    """One line per variant setting that its method does not understand or cannot run.
-
-    Checked on each variant merged over ``lora:``, so a default that a variant inherits is
-    checked against the variant's method; the line names where the key was set.
-    """
-    errors = []
-    variants = spec.variants or {"lora": AdapterSpec()}
-    for vname, vspec in variants.items():
-        ad = merge_adapter(spec.lora, vspec)
-        method = ad.get("method", "lora")
-
-        def where(k: str, vname: str = vname, vspec: AdapterSpec = vspec) -> str:
-            if spec.variants is None or k not in vspec.model_fields_set:
-                return f"lora.{k}" if spec.variants is None else f"variants.{vname}.{k} (from lora)"
-            return f"variants.{vname}.{k}"
-
-        if method != "adalora":
-            errors += [
-                f"{where(k)}: {k}={ad[k]} is an AdaLoRA key but method is {method!r}"
-                for k in ADALORA_KEYS
-                if k in ad
-            ]
-        else:
-            errors += [
-                f"{where(k)}: {k}={ad[k]!r} cannot be used with method adalora ({why})"
-                for k, why in NOT_ADALORA_KEYS.items()
-                if k in ad
-            ]
-            if str(ad.get("alpha", "")).startswith("rslora"):
-                errors.append(
-                    f"{where('alpha')}: alpha={ad['alpha']!r} cannot be used with method "
-                    "adalora (peft's AdaLoRA scales by alpha/r only); use a number, rank or 2*rank"
-                )
-            init_r, target_r = ad.get("init_r", 12), ad.get("target_r", 8)
-            if target_r > init_r:
-                errors.append(
-                    f"{where('target_r')}: AdaLoRA needs target_r <= init_r, got "
-                    f"init_r={init_r}, target_r={target_r}"
-                )
-            training = {**spec.training, **(ad.get("training") or {})}
-            steps = training.get("max_steps")
-            if isinstance(steps, int) and steps > 0:
-                try:
-                    adalora_schedule(steps, ad.get("tinit"), ad.get("tfinal"), ad.get("deltaT"))
-                except ValueError as e:
-                    errors.append(f"variants.{vname}: {e}" if spec.variants else f"lora: {e}")
-        if "compute_dtype" in ad and ad.get("quantization") is None:
-            errors.append(
-                f"{where('compute_dtype')}: compute_dtype={ad['compute_dtype']!r} only applies "
-                "to quantization: 4bit"
-            )
-        if "rank" in ad and "rank_pattern" in ad:
-            errors.append(
-                f"{where('rank')}: rank={ad['rank']} and a rank_pattern cannot both be set "
-                "(the pattern gives every targeted module its rank)"
-            )
-        if "rank_pattern" in ad and "target_modules" in vspec.model_fields_set:
-            errors.append(
-                f"{where('target_modules')}: a rank_pattern variant targets the groups or "
-                "suffixes its pattern names; drop target_modules"
-            )
-        if "alpha_pattern" in ad and "rank_pattern" not in ad:
-            errors.append(
-                f"{where('alpha_pattern')}: alpha_pattern needs a rank_pattern naming the same "
-                "groups"
-            )
-    return errors

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lorasweep.records import Trial, TrialResult, TrialStatus
+from lorasweep.records import Trial, TrialResult, TrialStatus, settings_of, varying_settings
 
 DB_NAME = "lorasweep.db"
 _FINISHED = tuple(s.value for s in TrialStatus if s.finished)
@@ -232,9 +232,12 @@ class Store:
     def trials_frame(self, trials: list[dict[str, Any]] | None = None) -> Any:
         """One row per trial, one column per metric; ``trials`` reuses rows already read.
 
-        Also ``eval_outcomes`` (the artifact as stored, or None; ``records.decode_outcomes``
-        reads it) and ``train_loss_start`` / ``train_loss_end``: the train_loss curve at its
-        first and last step (None without one)."""
+        One column per setting that varies between the trials (``learning_rate``, ``dropout``:
+        ``records.varying_settings``); ``frame.attrs["settings"]`` names those that a variant's
+        grid or search varies. Also ``eval_outcomes`` and ``test_outcomes`` (the artifacts as
+        stored, or None; ``records.decode_outcomes`` reads them) and ``train_loss_start`` /
+        ``train_loss_end``: the train_loss curve at its first and last step (None without one).
+        """
         import pandas as pd
 
         ends: dict[str, dict[str, Any]] = {}
@@ -250,7 +253,9 @@ class Store:
             if r["last"]:
                 end["train_loss_end"] = r["value"]
         rows = []
-        for t in self.trials() if trials is None else trials:
+        trials = self.trials() if trials is None else trials
+        settings = varying_settings([t["config"] for t in trials])
+        for t in trials:
             ad = t["config"].get("adapter", {})
             row = {
                 "trial_id": t["id"],
@@ -267,13 +272,25 @@ class Store:
             for c in CONFIG_COLUMNS:
                 v = ad.get(c)
                 row[c] = ",".join(v) if isinstance(v, list) else v
+            flat = settings_of(t["config"])
+            for key, column in settings.items():
+                if column not in row:  # rank, method, alpha_policy... are columns already
+                    v = flat.get(key)
+                    row[column] = ",".join(map(str, v)) if isinstance(v, list) else v
             row.update(t["metrics"])
             row["eval_outcomes"] = (t.get("artifacts") or {}).get("eval_outcomes")
+            row["test_outcomes"] = (t.get("artifacts") or {}).get("test_outcomes")
             end = ends.get(t["id"], {})
             row["train_loss_start"] = end.get("train_loss_start")
             row["train_loss_end"] = end.get("train_loss_end")
             rows.append(row)
-        return pd.DataFrame(rows)
+        frame = pd.DataFrame(rows)
+        by_variant: dict[str, list[dict[str, Any]]] = {}
+        for t in trials:
+            by_variant.setdefault(t["variant"], []).append(t["config"])
+        swept = {k for cs in by_variant.values() for k in varying_settings(cs)}  # grid axes
+        frame.attrs["settings"] = list(dict.fromkeys(c for k, c in settings.items() if k in swept))
+        return frame
 
     def curves_frame(self) -> Any:
         import pandas as pd

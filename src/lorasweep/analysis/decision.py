@@ -78,7 +78,9 @@ _PROPORTIONS = ("accuracy", "acc", "f1", "precision", "recall", "exact_match", "
 def is_proportion(metric: str) -> bool:
     """The metric's name says it is a proportion (accuracy, F1, precision, recall, ...)."""
     name = metric.lower()
-    return any(name in (p, f"eval_{p}") or name.startswith(p + "_") for p in _PROPORTIONS)
+    for split in ("eval_", "test_", "val_", "validation_"):
+        name = name.removeprefix(split)
+    return any(name == p or name.startswith(p + "_") for p in _PROPORTIONS)
 
 
 def default_margin(metric: str, values: Any) -> Margin:

@@ -22,16 +22,18 @@ from lorasweep.analysis.units import (
     fmt_p,
     fmt_seconds_whole,
 )
+from lorasweep.records import setting_label
 
 
 def group_label(key: dict[str, Any]) -> str:
-    """Human name of a configuration key: ``lora r=64``, ``B-Q4``, ``dora r=8 method=dora``."""
+    """Human name of a configuration key: ``lora r=64``, ``B-Q4``, ``lora r=16 lr=0.0004``
+    (other settings as ``records.setting_label`` writes them)."""
     parts = []
     if "variant" in key:
         parts.append(str(key["variant"]))
     if key.get("rank") is not None:
         parts.append(f"r={key['rank']}")
-    parts += [f"{k}={v}" for k, v in key.items() if k not in ("variant", "rank")]
+    parts += [setting_label(k, v) for k, v in key.items() if k not in ("variant", "rank")]
     return " ".join(parts) or "all"
 
 
@@ -45,6 +47,8 @@ class Context(NamedTuple):
     budget_gb: float | None
     alpha: float
     design: Design
+    tuned: tuple[str, ...] = ()
+    """settings chosen per configuration (``tune``): not a line of their own in a rank ablation"""
 
 
 class Decision(NamedTuple):
@@ -61,7 +65,7 @@ class Decision(NamedTuple):
     """a cheaper configuration that measured better but lacks the evidence (no recommendation)"""
 
 
-def _fmt_cost(v: float | None, cost: str | None) -> str:
+def fmt_cost(v: float | None, cost: str | None) -> str:
     """A cost in its unit: GiB for bytes, seconds (minutes from 600 s), a count of params."""
     if v is None or cost is None:
         return "-"
@@ -80,12 +84,15 @@ def gain_per_doubling(a: Group, b: Group, sign: float) -> float:
     return sign * (b.mean - a.mean) / math.log2(b.key["rank"] / a.key["rank"])
 
 
-def reason(groups: list[Group], best: Group, d: Decision, c: Context) -> str:
+def reason(
+    groups: list[Group], best: Group, d: Decision, c: Context, after_verdict: list[str] = ()
+) -> str:
     """The recommendation and why, the margin, the noise model, who is within the margin, who
     is worse, who is unstable, the eval set's own sampling error, the gain per doubling of rank,
-    the next larger rank and what is over the memory budget, in sentences."""
+    the next larger rank and what is over the memory budget, in sentences. ``after_verdict``:
+    sentences that follow the first one (how the metric was chosen, the tuning)."""
     rec = d.recommended
-    out = [_verdict(groups, best, d, c), _margin_sentence(c)]
+    out = [_verdict(groups, best, d, c), *after_verdict, _margin_sentence(c)]
     out += _comparison_sentences(groups, best, c)
     if d.criterion == "cost tie" and rec is not None:
         exact = all(g.cost == rec.cost for g in d.tied)
@@ -131,13 +138,6 @@ def reason(groups: list[Group], best: Group, d: Decision, c: Context) -> str:
     return " ".join(out)
 
 
-def _table_cost(v: float | None, cost: str | None) -> str:
-    """A cost in the plain-text table: with its unit when known, else the number alone."""
-    if cost and cost.endswith(("bytes", "seconds", "params")):
-        return _fmt_cost(v, cost)
-    return fmt_num(v)
-
-
 def _ratio(new: float, old: float) -> str:
     """'+4%' for small changes, '2.3x' from 1.5x on; never '1x'."""
     r = new / old
@@ -174,7 +174,7 @@ def _verdict(groups: list[Group], best: Group, d: Decision, c: Context) -> str:
         return head + ", the best measured."
     ref = f"{group_label(rec.key)} - {group_label(rec.reference or {})}"
     costs = ""
-    mine, theirs = _fmt_cost(rec.cost, c.cost), _fmt_cost(best.cost, c.cost)
+    mine, theirs = fmt_cost(rec.cost, c.cost), fmt_cost(best.cost, c.cost)
     if c.cost and mine != theirs:
         costs = f"; {mine} instead of {theirs}"
     return (
@@ -234,8 +234,13 @@ def _margin_sentence(c: Context) -> str:
         amount = f"{c.margin_abs:g}"
     return (
         f"Margin: {amount} {c.metric} ({how}). Bounds are simultaneous 95% (Hsu's comparisons "
-        f"with the best), over seeds on the fixed eval set; noise from a {c.design.describe()}."
+        f"with the best), over seeds on the fixed {_split_name(c.metric)} set; noise from a "
+        f"{c.design.describe()}."
     )
+
+
+def _split_name(metric: str) -> str:
+    return "test" if metric.startswith("test_") else "eval"
 
 
 def _comparison_sentences(groups: list[Group], best: Group, c: Context) -> list[str]:
@@ -263,30 +268,33 @@ def _comparison_sentences(groups: list[Group], best: Group, c: Context) -> list[
     return out
 
 
+def _series(key: dict[str, Any], tuned: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A configuration key without its rank (and its tuned settings, which follow the rank):
+    the line it lies on in a rank ablation."""
+    return {k: v for k, v in key.items() if k != "rank" and k not in tuned}
+
+
 def _rank_sentences(groups: list[Group], rec: Group | None, c: Context) -> list[str]:
-    """The gain per doubling of rank in each variant, and what the next larger rank than the
-    recommended one would cost and change."""
+    """The gain per doubling of rank along each line of configurations that differ only in
+    rank (a variant, at one value of each other setting), and what the next larger rank than
+    the recommended one would cost and change."""
     m, out = c.metric, []
     sign = 1.0 if c.direction == "higher" else -1.0
-    for variant in sorted({g.key.get("variant") for g in groups}, key=str):
-        ranked = sorted(
-            (
-                g
-                for g in groups
-                if g.key.get("variant") == variant and g.key.get("rank") is not None
-            ),
-            key=lambda g: g.key["rank"],
-        )
+    series: dict[str, list[Group]] = {}
+    for g in groups:
+        if g.key.get("rank") is not None:
+            series.setdefault(group_label(_series(g.key, c.tuned)), []).append(g)
+    for name in sorted(series):
+        ranked = sorted(series[name], key=lambda g: g.key["rank"])
         steps = [
             f"{a.key['rank']}->{b.key['rank']}: {gain_per_doubling(a, b, sign):+.3g}"
             for a, b in zip(ranked, ranked[1:])
             if a.key["rank"] > 0
         ]
         if steps:
+            where = "" if name == "all" else f"{name}; "
             out.append(
-                f"Gain in {m} per doubling of rank ("
-                + (f"{variant}; " if variant is not None else "")
-                + "positive is better): "
+                f"Gain in {m} per doubling of rank ({where}positive is better): "
                 + ", ".join(steps)
                 + "."
             )
@@ -296,7 +304,7 @@ def _rank_sentences(groups: list[Group], rec: Group | None, c: Context) -> list[
         (
             g
             for g in groups
-            if g.key.get("variant") == rec.key.get("variant")
+            if _series(g.key, c.tuned) == _series(rec.key, c.tuned)
             and g.key.get("rank") is not None
             and g.key["rank"] > rec.key["rank"]
         ),
@@ -304,7 +312,7 @@ def _rank_sentences(groups: list[Group], rec: Group | None, c: Context) -> list[
     )
     if bigger:
         nx = bigger[0]
-        new, old = _fmt_cost(nx.cost, c.cost), _fmt_cost(rec.cost, c.cost)
+        new, old = fmt_cost(nx.cost, c.cost), fmt_cost(rec.cost, c.cost)
         ratio = f" ({_ratio(nx.cost, rec.cost)})" if nx.cost and rec.cost else ""
         if not c.cost:
             cost_txt = "cost more"
@@ -318,61 +326,3 @@ def _rank_sentences(groups: list[Group], rec: Group | None, c: Context) -> list[
             f"{m} by {nx.mean - rec.mean:+.3g}."
         )
     return out
-
-
-# ----------------------------------------------------------------------------- the table
-
-
-def format_analysis(result: dict[str, Any]) -> str:
-    """Plain-text table per configuration (n, mean ± std, difference to the best of the others
-    with its worst 95% end, within the margin, Holm p against the best, cost), the
-    recommendation with its reason, and the flags."""
-    metric, direction = result["metric"], result["direction"]
-    best_key = (result.get("best") or {}).get("key")
-    rec_key = (result.get("recommended") or {}).get("key")
-    margin = result.get("margin") or {}
-    design = result.get("design") or {}
-    places = decimals_for(design.get("sigma")) or decimals_for(margin.get("absolute"))
-    head = f"{metric} ({direction} is better)"
-    if margin:
-        head += f"; margin {margin['absolute']:.3g}"
-    rows = [("config", "n", "mean ± std", "diff (bound)", "in margin", "p_adj", "cost", "")]
-    for g in result["groups"]:
-        mark = []
-        if g["key"] == best_key:
-            mark.append("best")
-        if g["key"] == rec_key:
-            mark.append("recommended")
-        if g["significantly_worse"]:
-            mark.append("worse")
-        if g.get("note") and g["key"] != rec_key:
-            mark.append(g["note"])
-        diff = (
-            f"{fmt_fixed(g['diff'], places, signed=True)} "
-            f"({fmt_fixed(g['diff_bound'], places, signed=True)})"
-            if g.get("diff") is not None
-            else "-"
-        )
-        rows.append(
-            (
-                group_label(g["key"]),
-                str(g["n"]),
-                fmt_mean_std(g["mean"], g["std"]),
-                diff,
-                "yes" if g.get("within_margin") else "no",
-                fmt_p(g["p_adjusted"]),
-                _table_cost(g["cost"], result.get("cost")),
-                "; ".join(mark),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [head, ""]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines += [
-        "",
-        "Recommendation: " + (group_label(rec_key) if rec_key else "none"),
-        result["reason"],
-    ]
-    if result["flags"]:
-        lines += ["", "Flags:"] + [f"  - {f}" for f in result["flags"]]
-    return "\n".join(lines)

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lorasweep.analysis import plots, stats
+from lorasweep.analysis import plots, report_tuning, stats
+from lorasweep.analysis.compare import key_scalar
 from lorasweep.analysis.pruning_summary import pruning_summary
 from lorasweep.analysis.report_sections import pruning_section_html, render, spectrum_section_html
 from lorasweep.analysis.units import decimals_for, fmt_fixed, fmt_mean_std, fmt_num, fmt_p, fmt_sig
@@ -48,7 +49,8 @@ SUMMARY_METRICS: dict[str, tuple[str, str]] = {
 }
 PLOT_CAPTIONS = {
     "metric_vs_rank": "Mean over seeds with 95% t confidence intervals. Variants without a rank "
-    "of their own are dashed lines with a shaded CI band.",
+    "of their own are dashed lines with a shaded CI band. Other settings that vary get a line "
+    "per value; a tuned setting shows its chosen value at each rank.",
     "time_vs_rank": "Wall seconds of the training loop alone (loading and eval timed apart).",
     "memory_vs_rank": "Peak memory per trial; dotted lines mark common GPU sizes.",
     "efficiency": "Metric per hour of training: where extra rank stops paying for itself.",
@@ -63,30 +65,33 @@ PLOT_CAPTIONS = {
 
 
 def _summary_rows(trials: pd.DataFrame, analysis: dict, by: Any) -> tuple[list, list[dict]]:
-    """Header names and formatted rows of the all-metrics table."""
+    """Header names and formatted rows of the all-metrics table: every configuration (with a
+    tuned setting, every value tried; the chosen ones are marked)."""
+    by = (analysis.get("factors") or {}).get("by") or by
     table = stats.summary_table(trials, list(SUMMARY_METRICS), by=by)
     shown = [
         m for m in SUMMARY_METRICS if f"{m}_mean" in table and table[f"{m}_mean"].notna().any()
     ]
-    best = stats.group_label((analysis.get("best") or {}).get("key") or {})
-    rec = stats.group_label((analysis.get("recommended") or {}).get("key") or {})
+    best = (analysis.get("best") or {}).get("key")
+    rec = (analysis.get("recommended") or {}).get("key")
+    chosen = [g["key"] for g in analysis["groups"]] if analysis.get("tuning") else []
+    settings = report_tuning.setting_keys(analysis)
     key_cols = [
         c for c in table.columns if c not in ("n", "n_total") and not c.endswith(("_mean", "_std"))
     ]
     rows = []
     for _, r in table.iterrows():
-        key = {
-            c: (None if pd.isna(r[c]) else (int(r[c]) if c == "rank" else r[c])) for c in key_cols
-        }
-        label = stats.group_label(key)
+        key = {c: key_scalar(None if pd.isna(r[c]) else r[c]) for c in key_cols}
         cells = [fmt_mean_std(r[f"{m}_mean"], r[f"{m}_std"], SUMMARY_METRICS[m][1]) for m in shown]
         rows.append(
             {
-                "label": label,
+                "label": report_tuning.row_label(key, settings),
+                "settings": report_tuning.setting_cells(key, settings),
                 "n": f"{int(r['n'])}/{int(r['n_total'])}",
                 "cells": cells,
-                "best": label == best,
-                "recommended": label == rec,
+                "best": key == best,
+                "recommended": key == rec,
+                "chosen": key in chosen,
             }
         )
     return [SUMMARY_METRICS[m][0] for m in shown], rows
@@ -105,6 +110,7 @@ def _comparison_rows(analysis: dict) -> list[dict]:
         lo, hi = (fmt_fixed(x, places, signed=True) for x in ci)
         return f"[{lo}, {hi}]"
 
+    settings = report_tuning.setting_keys(analysis)
     rows = []
     for g in analysis["groups"]:
         ci = g["ci95"]
@@ -123,7 +129,8 @@ def _comparison_rows(analysis: dict) -> list[dict]:
             badges.append(("did not learn", "warn"))
         rows.append(
             {
-                "label": stats.group_label(g["key"]),
+                "label": report_tuning.row_label(g["key"], settings),
+                "settings": report_tuning.setting_cells(g["key"], settings),
                 "n": g["n"],
                 "mean": fmt_mean_std(g["mean"], g["std"]),
                 "ci": f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]" if ci else "-",
@@ -146,14 +153,15 @@ def _comparison_rows(analysis: dict) -> list[dict]:
 
 def _problem_rows(trials: pd.DataFrame, metric: str) -> list[dict]:
     probs = stats.problem_trials(trials, metric)
+    key_cols = [c for c in probs.columns if c not in ("trial_id", "seed", "status", "error")]
     rows = []
     for _, r in probs.iterrows():
-        rank = None if pd.isna(r["rank"]) else int(r["rank"])
+        key = {c: key_scalar(None if pd.isna(r[c]) else r[c]) for c in key_cols}
         err = r["error"] if isinstance(r["error"], str) else ""
         rows.append(
             {
                 "trial_id": r["trial_id"],
-                "config": stats.group_label({"variant": r["variant"], "rank": rank}),
+                "config": stats.group_label(key),
                 "seed": r["seed"],
                 "status": r["status"],
                 "error": err.strip()[:600],
@@ -196,7 +204,7 @@ def build_report(
     analysis = stats.analyze(trials, **kwargs)
     metric = analysis["metric"]
     pngs = plots.render_all(
-        trials,
+        report_tuning.plot_frame(trials, analysis),
         curves,
         out,
         metric=metric,
@@ -214,6 +222,7 @@ def build_report(
         for name, path in pngs.items()
     ]
     headers, summary = _summary_rows(trials, analysis, kwargs.get("by"))
+    settings = report_tuning.setting_keys(analysis)
     meta = dict(meta or {})
     env = dict(meta.get("environment") or {})
     rec = analysis.get("recommended")
@@ -235,6 +244,9 @@ def build_report(
         has_examples=any(g.get("diff_ci_examples") for g in analysis["groups"]),
         margin_note=_margin_note(analysis),
         design_note=_design_note(analysis),
+        setting_headers=report_tuning.setting_headers(settings),
+        tuning=report_tuning.tuning_view(analysis),
+        factors=report_tuning.factors_view(analysis, trials, out),
         summary_headers=headers,
         summary=summary,
         problems=_problem_rows(trials, metric),

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lorasweep.analysis import explain
+from lorasweep.analysis import explain, factors
 from lorasweep.analysis import flags as flags_mod
 from lorasweep.analysis import recommend as recommend_mod
+from lorasweep.analysis import tune as tune_mod
 from lorasweep.analysis.compare import (  # noqa: F401 - MIN_PAIRS re-exported
     ALPHA,
     MIN_PAIRS,
@@ -32,7 +33,7 @@ from lorasweep.analysis.compare import (  # noqa: F401 - MIN_PAIRS re-exported
     key_scalar,
 )
 from lorasweep.analysis.decision import Margin, default_margin, is_proportion, parse_margin
-from lorasweep.analysis.explain import format_analysis, group_label
+from lorasweep.analysis.explain import group_label
 from lorasweep.analysis.tables import (
     SEEDS_FROM_ROWS,
     by_columns,
@@ -45,8 +46,15 @@ from lorasweep.analysis.tables import (
     problem_trials,
     summary_table,
 )
+from lorasweep.analysis.text import format_analysis
 from lorasweep.analysis.units import fmt_num  # noqa: F401 - re-exported (stats.fmt_num)
-from lorasweep.records import HIGHER_IS_BETTER, default_metric
+from lorasweep.records import (
+    HIGHER_IS_BETTER,
+    TEST_PREFIX,
+    default_metric,
+    selection_metric,
+    test_metric,
+)
 
 __all__ = [
     "analyze",
@@ -85,6 +93,8 @@ _LOWER_HINTS = ("loss", "perplexity", "ppl", "error", "seconds", "bytes", "time"
 
 
 def _choose_metric(df: pd.DataFrame, metric: str | None) -> str:
+    """``metric`` (checked), else the task's default metric, measured on the test split when
+    the table has one (``test_accuracy`` with finite values), else on the eval split."""
     if metric is not None:
         if metric not in df:
             raise ValueError(f"metric: {metric!r} is not a column of the trials table")
@@ -92,9 +102,20 @@ def _choose_metric(df: pd.DataFrame, metric: str | None) -> str:
     task = df["task"].dropna().iloc[0] if "task" in df and df["task"].notna().any() else None
     preferred = default_metric(task)
     for m in ([preferred] if preferred else []) + list(_METRIC_ORDER):
-        if m in df and pd.to_numeric(df[m], errors="coerce").notna().any():
-            return m
+        for column in (test_metric(m), m):
+            if column in df and pd.to_numeric(df[column], errors="coerce").notna().any():
+                return column
     raise ValueError(f"metric: none given and no known metric column ({', '.join(_METRIC_ORDER)})")
+
+
+def _test_split_sentence(metric: str, given: str | None) -> list[str]:
+    """Says that the default metric was taken from the test split."""
+    if given is not None or not metric.startswith(TEST_PREFIX):
+        return []
+    return [
+        f"Compared on {metric}, the test split (no metric was named and the trials have one); "
+        f"name the metric {selection_metric(metric)!r} to compare on the validation split."
+    ]
 
 
 def _choose_direction(metric: str, direction: str | None) -> tuple[str, bool]:
@@ -159,7 +180,7 @@ def _groups(
                 seeds=seeds,
                 values=[float(x) for x in v],
                 costs=[float(x) for x in cost_all if np.isfinite(x)],
-                outcomes=_outcomes(g, seeds),
+                outcomes=_outcomes(g, seeds, _outcomes_column(metric)),
                 mem=json_scalar(mem_v),
                 params=column_mean(g, "trainable_params"),
                 rank=column_mean(g, "rank"),
@@ -181,12 +202,17 @@ def _clip(ci: tuple[float, float] | None, proportion: bool) -> list[float] | Non
     return [max(ci[0], 0.0), min(ci[1], 1.0)] if proportion else [ci[0], ci[1]]
 
 
-def _outcomes(g: pd.DataFrame, seeds: list) -> dict:
-    """seed -> stored per-example eval outcomes (dicts; JSON text from a CSV is parsed)."""
-    if "eval_outcomes" not in g:
+def _outcomes_column(metric: str) -> str:
+    """Where the per-example outcomes of the metric's split are: test or eval."""
+    return "test_outcomes" if metric.startswith(TEST_PREFIX) else "eval_outcomes"
+
+
+def _outcomes(g: pd.DataFrame, seeds: list, column: str = "eval_outcomes") -> dict:
+    """seed -> stored per-example outcomes (dicts; JSON text from a CSV is parsed)."""
+    if column not in g:
         return {}
     out = {}
-    for s, o in zip(seeds, g["eval_outcomes"]):
+    for s, o in zip(seeds, g[column]):
         if isinstance(o, str) and o.startswith("{"):
             try:
                 o = json.loads(o)
@@ -231,6 +257,30 @@ def _margin_option(margin: Any, tolerance: Any) -> Margin | None:
     return parse_margin(margin)
 
 
+def _grouping(
+    df: pd.DataFrame, by: Any, tune: Any, select_on: str | None
+) -> tuple[list[str], list[str]]:
+    """(outer columns, tuned columns): ``by`` (default: variant, rank and the varying
+    settings) without the tuned settings, and the tuned ones (checked)."""
+    tuned = tune_mod.tune_option(tune)
+    tune_mod.check_tuned(df, tuned, None if by is None else by_columns(df, by))
+    if select_on is not None and not tuned:
+        raise ValueError(f"select_on: {select_on!r} is used only with tune")
+    outer = [c for c in by_columns(df, by) if c not in tuned]
+    return outer, tuned
+
+
+def _nested_selection(
+    df: pd.DataFrame, metric: str, direction: str, outer: list[str], tuned: list[str],
+    select_on: str | None, cost: str | None,
+) -> tuple[pd.DataFrame, tune_mod.Tuning]:  # fmt: skip
+    """The rows of the tuned values chosen per configuration (``tune.select``)."""
+    select_on, same = tune_mod.resolve_select_on(df, metric, select_on)
+    sel_dir = tune_mod.select_direction(select_on, metric, direction)
+    kept, configs = tune_mod.select(df, outer, tuned, select_on, sel_dir, cost)
+    return kept, tune_mod.Tuning(tuned, select_on, sel_dir, same, metric, configs)
+
+
 def analyze(
     trials: pd.DataFrame,
     *,
@@ -242,6 +292,8 @@ def analyze(
     memory_budget_gb: float | None = None,
     alpha: float = ALPHA,
     tolerance: float | None = None,
+    tune: str | list[str] | None = None,
+    select_on: str | None = None,
 ) -> dict[str, Any]:
     """Compare configurations and recommend one (docs/report.md explains the rule).
     # long: one step per line of the rule, in its order; the steps live in ``recommend``
@@ -254,9 +306,11 @@ def analyze(
 
     Args:
         trials: one row per trial (see ``records.py`` for the metric columns).
-        metric: column to compare; default the task's (accuracy; perplexity for causal-lm).
+        metric: column to compare; default the task's (accuracy; perplexity for causal-lm), on
+            the test split when the trials have one (``test_accuracy``).
         direction: "higher" or "lower" is better; default from the metric's name.
-        by: grouping columns; default ``["variant", "rank"]``.
+        by: grouping columns; default ``variant``, ``rank`` and every setting that varies
+            (``settings.setting_columns``).
         cost: column to minimise; default ``train_seconds`` (then params, memory, rank).
         margin: how much worse than the best is still good enough: metric units (``0.01``), or
             a percentage of the best mean (``"2%"``); default per metric (``default_margin``).
@@ -264,17 +318,24 @@ def analyze(
             else CPU RSS) exceeds this many GiB.
         alpha: 1 - the confidence level of the bounds; the level of the Holm-adjusted tests.
         tolerance: deprecated alias of an absolute ``margin``.
+        tune: settings chosen per configuration of the others (nested selection, ``tune.py``):
+            ``["learning_rate"]`` or ``"learning_rate,warmup_steps"``.
+        select_on: the column the tuned value is chosen on; default the validation metric of a
+            test metric (``accuracy`` for ``test_accuracy``), else the metric itself (then
+            ``tuning.same_data`` is true and a flag warns of the winner's curse).
 
     Returns:
         ``{"metric", "direction", "margin", "design", "groups", "best", "recommended",
-        "criterion", "seeds_needed", "reason", "flags"}``, JSON-serializable.
+        "criterion", "seeds_needed", "reason", "flags", "tuning", "factors", "interaction"}``,
+        JSON-serializable.
     """
     given = _margin_option(margin, tolerance)
     _check_options(memory_budget_gb)
     df = prepare_trials(trials)
-    metric = _choose_metric(df, metric)
+    named_metric, metric = metric, _choose_metric(df, metric)
     direction, assumed = _choose_direction(metric, direction)
-    cols = by_columns(df, by)
+    outer, tuned = _grouping(df, by, tune, select_on)
+    cols = outer + tuned
     cost = _choose_cost(df, cost)
     mem = memory_column(df)
     df[metric] = pd.to_numeric(df[metric], errors="coerce").astype(float)
@@ -285,14 +346,23 @@ def analyze(
         flags.append(
             f"Direction of {metric!r} assumed {direction!r} is better; pass direction= to override."
         )
+    measured = df[(df["status"] == "complete") & np.isfinite(df[metric])]
+    tuning = None
+    if tuned:
+        df, tuning = _nested_selection(df, metric, direction, outer, tuned, select_on, cost)
+        if tuning.same_data:
+            flags.append(tune_mod.same_data_warning(tuning))
     usable = df[(df["status"] == "complete") & np.isfinite(df[metric])]
     groups = _groups(usable, metric, cols, cost, mem)
     margin_ = given or default_margin(metric, usable[metric].tolist())
     out: dict[str, Any] = {"metric": metric, "direction": direction, "cost": cost}
+    extra = {"tuning": tuning.to_dict() if tuning else None,
+             "factors": factors.summary(measured, metric, cols, sign)}  # fmt: skip
     if not groups:
         return {**out, "margin": None, "design": None, "groups": [], "best": None,
                 "recommended": None, "criterion": None, "seeds_needed": None,
-                "reason": f"No complete trial has a finite {metric}.", "flags": flags}  # fmt: skip
+                "reason": f"No complete trial has a finite {metric}.", "flags": flags,
+                **extra, "interaction": None}  # fmt: skip
 
     paired = not df.attrs.get(SEEDS_FROM_ROWS)
     if not paired:
@@ -305,15 +375,18 @@ def analyze(
     margin_abs = margin_.absolute(best.mean)
     recommend_mod.assess_stability(groups, df, metric, cols)
     recommend_mod.mark_eligibility(groups, margin_abs, sign, memory_budget_gb)
-    recommend_mod.eval_bootstrap(groups, metric)
+    recommend_mod.eval_bootstrap(groups, selection_metric(metric))
     decision = recommend_mod.recommend(groups, design, sign, margin_abs, alpha)
 
     flags += flags_mod.group_flags(groups, best, metric, cols)
     if memory_budget_gb is not None and mem is None:
         flags.append("A memory budget was given but no memory was measured; it was not applied.")
     ctx = explain.Context(metric, direction, cost, mem, margin_, margin_abs, memory_budget_gb,
-                          alpha, design)  # fmt: skip
+                          alpha, design, tuned=tuple(tuned))  # fmt: skip
     rec = decision.recommended
+    answer = rec or best
+    after = _test_split_sentence(metric, named_metric)
+    after += tune_mod.sentences(tuning, rec.key if rec else None) if tuning else []
     return {
         **out,
         "margin": {
@@ -334,6 +407,10 @@ def analyze(
         "recommended": rec.to_dict() if rec is not None else None,
         "criterion": decision.criterion,
         "seeds_needed": decision.seeds_needed,
-        "reason": explain.reason(groups, best, decision, ctx),
+        "reason": explain.reason(groups, best, decision, ctx, after),
         "flags": flags,
-    }
+        **extra,
+        "interaction": factors.interaction(measured, metric, cols, sign, tuned=tuned,
+                                           answer=answer.key, recommended=rec is not None,
+                                           threshold=margin_abs),
+    }  # fmt: skip

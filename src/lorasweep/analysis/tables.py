@@ -17,6 +17,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from lorasweep.analysis.decision import is_proportion
+from lorasweep.analysis.settings import setting_columns
 
 __all__ = [
     "by_columns",
@@ -96,9 +97,10 @@ def load_trials_table(path: str | Path) -> pd.DataFrame:
 
 
 def by_columns(df: pd.DataFrame, by: str | list[str] | None) -> list[str]:
-    """The grouping columns: ``by`` (checked), else ``variant`` and ``rank`` where present."""
+    """The grouping columns: ``by`` (checked), else ``variant`` and ``rank`` where present and
+    every setting that varies (``settings.setting_columns``: learning_rate, dropout, ...)."""
     if by is None:
-        return [c for c in ("variant", "rank") if c in df]
+        return [c for c in ("variant", "rank") if c in df] + setting_columns(df)
     cols = [by] if isinstance(by, str) else list(by)
     for c in cols:
         if c not in df:
@@ -190,7 +192,8 @@ def summary_table(
 
 def problem_trials(trials: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """Trials that failed, ran out of memory, diverged or were pruned (and, given ``metric``,
-    complete trials whose metric is NaN), with ``trial_id, variant, rank, seed, status, error``.
+    complete trials whose metric is NaN), with ``trial_id, variant, rank``, the varying settings
+    (``settings.setting_columns``), ``seed, status, error``.
     """
     df = prepare_trials(trials)
     bad = df["status"].isin(["failed", "oom", "diverged", "pruned"])
@@ -200,4 +203,5 @@ def problem_trials(trials: pd.DataFrame, metric: str | None = None) -> pd.DataFr
         )
         df.loc[nan_metric, "status"] = f"complete ({metric} NaN)"
         bad |= nan_metric
-    return df.loc[bad, ["trial_id", "variant", "rank", "seed", "status", "error"]]
+    cols = ["trial_id", "variant", "rank", *setting_columns(df), "seed", "status", "error"]
+    return df.loc[bad, cols]

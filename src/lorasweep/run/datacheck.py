@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lorasweep.records import canonical_json
-from lorasweep.training.data import dedup_columns, format_spec
+from lorasweep.training.data import carved_rows, dedup_columns, format_spec
 from lorasweep.training.sources import (
     CHUNK_BYTES,
     LOCAL_SUFFIXES,
@@ -253,36 +253,27 @@ class _Scan:
     errors: list[str] = field(default_factory=list)
     unreadable: bool = False
     classes: Counter = field(default_factory=Counter)  # labels of the rows deduplicate() keeps
+    keys: dict[bytes, None] = field(default_factory=dict)  # distinct row keys, in file order
+    rows: int = 0
+    complete: bool = True  # False: rows or columns missing, so no split checks
 
 
 def _scan_rows(dspec: dict[str, Any], task: str) -> _Scan:
-    """The scan of the file as it is now: cached by content, so check_rows then class_count
+    """The scan of the files as they are now: cached by content, so check_rows then class_count
     read a large file once."""
     source = dspec["source"]
     if source.startswith("builtin:") or not is_local(source):
         return _Scan()
-    path = Path(source).expanduser()
-    fingerprint = source_fingerprint(dspec) if path.is_file() else None
+    try:
+        fingerprint = source_fingerprint(dspec) if Path(source).expanduser().is_file() else None
+    except DataError as e:  # an eval or test file that is not there
+        return _Scan([str(e)], unreadable=True)
     return _scan_cached(canonical_json(dspec), task, fingerprint)
 
 
 @lru_cache(maxsize=8)
 def _scan_cached(dspec_json: str, task: str, fingerprint: str | None) -> _Scan:
-    return _scan_file(json.loads(dspec_json), task)
-
-
-def _scan_file(dspec: dict[str, Any], task: str) -> _Scan:
-    # long: one pass over the file feeds every check (cells, duplicates, classes)
-    source = dspec["source"]
-    path = Path(source).expanduser()
-    if not path.is_file():
-        what = "is a folder, not a data file" if path.is_dir() else "file not found"
-        return _Scan([f"dataset.source: {what}: {source!r}"], unreadable=True)
-    kind = LOCAL_SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        suffixes = ", ".join(LOCAL_SUFFIXES)
-        line = f"dataset.source: unsupported file type {path.suffix!r} (use {suffixes})"
-        return _Scan([line], unreadable=True)
+    dspec = json.loads(dspec_json)
     if task == "classification" and dspec["label_column"] == dspec["text_column"]:
         return _Scan(
             [
@@ -294,95 +285,159 @@ def _scan_file(dspec: dict[str, Any], task: str) -> _Scan:
         checks = _checked_columns(dspec, task)
     except DataError as e:
         return _Scan([str(e)])
+    roles = [r for r in ("source", "eval_file", "test_file") if dspec.get(r)]
+    scans = {r: _scan_file(dspec[r], f"dataset.{r}", checks, dspec, task) for r in roles}
+    src = scans["source"]
+    out = _Scan([e for scan in scans.values() for e in scan.errors], src.unreadable, src.classes)
+    if all(scan.complete for scan in scans.values()):
+        out.errors += _split_problems(dspec, task, scans)
+    return out
+
+
+def _scan_file(
+    ref: str, key: str, checks: list[tuple[str, str, str]], dspec: dict[str, Any], task: str
+) -> _Scan:
+    """One local file (the source, the eval or the test file; ``key`` names it in the lines)."""
+    # long: one pass over the file feeds every check (cells, duplicates, classes)
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        what = "is a folder, not a data file" if path.is_dir() else "file not found"
+        return _Scan([f"{key}: {what}: {ref!r}"], unreadable=True)
+    kind = LOCAL_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        suffixes = ", ".join(LOCAL_SUFFIXES)
+        return _Scan([f"{key}: unsupported file type {path.suffix!r} (use {suffixes})"], True)
     if kind != "parquet":
         bad_utf8, any_text = _utf8_problem(path)
         if bad_utf8:
-            return _Scan([f"dataset.source: cannot read {source!r}: {bad_utf8}"], unreadable=True)
+            return _Scan([f"{key}: cannot read {ref!r}: {bad_utf8}"], unreadable=True)
         if kind == "text":  # one document per file
-            return _Scan([] if any_text else [f"dataset.source: {source!r} is empty (no text)"])
+            return _Scan([] if any_text else [f"{key}: {ref!r} is empty (no text)"], complete=False)
     rows = _RowCheck()
     key_cols = dedup_columns(dspec, task)
     label = dspec["label_column"] if task == "classification" else None
-    seen: set[bytes] = set()  # row keys, as deduplicate() keys them
     scan = _Scan()
     columns: dict[str, None] = {}
-    n_rows = 0
     try:
         for where, batch in _read_batches(path, kind, _CHECK_BATCH_ROWS):
             columns.update(dict.fromkeys(batch))
-            n_rows += len(where)
-            for key, col, rule in checks:
+            scan.rows += len(where)
+            for ckey, col, rule in checks:
                 for w, v in zip(where, batch.get(col) or [None] * len(where)):
-                    rows.cell(key, col, rule, w, v)
+                    rows.cell(ckey, col, rule, w, v)
             absent = [None] * len(where)  # a key the row lacks (JSON): None, as the loader
             labels = batch.get(label) or absent
             for k, v in zip(zip(*(batch.get(c) or absent for c in key_cols)), labels):
-                digest = row_key(k)
-                if digest not in seen:
-                    seen.add(digest)
+                digest = row_key(k)  # as deduplicate() keys rows
+                if digest not in scan.keys:
+                    scan.keys[digest] = None
                     if label is not None and not _blank(v):
                         scan.classes[v] += 1
     except _ReadError as e:
-        return _Scan([f"dataset.source: cannot read {source!r}: {e}"], unreadable=True)
-    if n_rows == 0:
-        return _Scan([f"dataset.source: {source!r} has no rows"])
-    missing = [(key, col) for key, col, _ in checks if col not in columns]
+        return _Scan([f"{key}: cannot read {ref!r}: {e}"], unreadable=True)
+    if scan.rows == 0:
+        return _Scan([f"{key}: {ref!r} has no rows"], complete=False)
+    missing = [(ckey, col) for ckey, col, _ in checks if col not in columns]
+    where = "" if key == "dataset.source" else f" ({key})"
     scan.errors = [
-        f"{key}: column {col!r} not in {source!r} (columns: {', '.join(map(str, columns))})"
-        for key, col in missing
+        f"{ckey}: column {col!r} not in {ref!r}{where} (columns: {', '.join(map(str, columns))})"
+        for ckey, col in missing
     ]
-    scan.errors += rows.lines(source, {col for _, col in missing})
-    if missing:
-        return scan
-    n_kept, dropped = len(seen), n_rows - len(seen)
-    frac = dspec.get("eval_fraction", 0.1)
-    after = f"{n_kept} rows" + (f" after dropping {dropped} duplicates" if dropped else "")
-    if task == "classification":
-        if len(scan.classes) == 1:
-            scan.errors.append(
-                f"dataset.label_column: one class only ({_short(next(iter(scan.classes)))}) in "
-                f"column {label!r} of {source!r}; classification needs at least 2"
-            )
-        elif scan.classes:
-            scan.errors += _stratify_problem(source, scan.classes, frac, after)
-    elif checks[0][2] == "plain" and not rows.plain_text_seen:
-        scan.errors.append(
-            f"dataset.text_column: column {checks[0][1]!r} of {source!r} has no text"
-        )
-    elif checks[0][2] != "plain" or n_kept >= 4:  # plain text: under 4 rows are cut, not split
-        n_eval = math.ceil(frac * n_kept)
-        if n_kept - n_eval < 1:
-            scan.errors.append(
-                f"dataset.source: {source!r} has {after}, too few to split with "
-                f"dataset.eval_fraction {frac}: eval gets ceil({n_kept} x {frac}) = {n_eval}, "
-                "leaving no training rows"
-            )
+    scan.errors += rows.lines(ref, {col for _, col in missing})
+    scan.complete = not missing
+    if checks[0][2] == "plain" and not rows.plain_text_seen and not missing:
+        scan.errors.append(f"dataset.text_column: column {checks[0][1]!r} of {ref!r} has no text")
+        scan.complete = False
     return scan
 
 
-def _stratify_problem(source: str, classes: Counter, frac: float, after: str) -> list[str]:
-    """The line for labels too few for datasets' stratified train_test_split, else [].
+def _split_problems(dspec: dict[str, Any], task: str, scans: dict[str, _Scan]) -> list[str]:
+    """Lines for splits that cannot be made: eval/test files whose rows are all in train (or
+    eval), labels train lacks, too few rows or classes for the carved eval and test splits."""
+    # long: one check per split, in the order the loader makes them
+    src, errors = scans["source"], []
+    seen = set(src.keys)
+    for role in ("eval_file", "test_file"):
+        if role not in scans:
+            continue
+        scan, key, ref = scans[role], f"dataset.{role}", dspec[role]
+        if not set(scan.keys) - seen:
+            where = "dataset.source" + (" or dataset.eval_file" if role == "test_file" else "")
+            errors.append(f"{key}: every row of {ref!r} is also in {where}; none is left to score "
+                          "(rows in train are dropped from the eval and test splits)")  # fmt: skip
+        seen |= set(scan.keys)
+        names = {str(c) for c in src.classes}
+        extra = sorted({str(c) for c in scan.classes} - names)
+        if task == "classification" and extra and src.classes:
+            errors.append(f"{key}: label {extra[0]!r} of {ref!r} is not a label of dataset.source "
+                          f"(labels: {', '.join(sorted(names))})")  # fmt: skip
+    source, label = dspec["source"], dspec["label_column"]
+    n, dropped = len(src.keys), src.rows - len(src.keys)
+    ef = None if dspec.get("eval_file") else dspec.get("eval_fraction", 0.1)
+    tf = None if dspec.get("test_file") else dspec.get("test_fraction")
+    after = f"{n} rows" + (f" after dropping {dropped} duplicates" if dropped else "")
+    if task == "classification":
+        if len(src.classes) == 1:
+            errors.append(
+                f"dataset.label_column: one class only ({_short(next(iter(src.classes)))}) in "
+                f"column {label!r} of {source!r}; classification needs at least 2"
+            )
+        elif src.classes:
+            errors += _stratify_problem(source, src.classes, ef, tf, after)
+    elif _checked_columns(dspec, task)[0][2] != "plain" or n >= 4:  # plain: under 4 rows are cut
+        carved = _carved(n, ef, tf)
+        if n - sum(m for _, _, m in carved) < 1:
+            errors.append(
+                f"dataset.source: {source!r} has {after}, too few to split with "
+                f"{_fractions(carved)}: {_gets(n, carved)}, leaving no training rows"
+            )
+    return errors
 
-    It needs every class twice, and on each side at least one row per class; eval gets
-    ceil(n x eval_fraction) rows.
-    """
+
+def _carved(n: int, ef: float | None, tf: float | None) -> list[tuple[str, float, int]]:
+    """(split, fraction, rows) of the splits carved from n rows, counted as the loader does."""
+    out = [("eval", ef, math.ceil(ef * n))] if ef else []
+    return out + ([("test", tf, carved_rows(tf, n))] if tf else [])
+
+
+def _fractions(carved: list[tuple[str, float, int]]) -> str:
+    return " and ".join(f"dataset.{name}_fraction {frac}" for name, frac, _ in carved)
+
+
+def _gets(n: int, carved: list[tuple[str, float, int]]) -> str:
+    """``eval gets ceil(8 x 0.1) = 1``, ``eval gets ..., test ceil(...) = 2``."""
+    parts = [f"{name} {'gets ' if not i else ''}ceil({n} x {frac}) = {m}"
+             for i, (name, frac, m) in enumerate(carved)]  # fmt: skip
+    return ", ".join(parts)
+
+
+def _stratify_problem(
+    source: str, classes: Counter, ef: float | None, tf: float | None, after: str
+) -> list[str]:
+    """The line for labels too few for datasets' stratified train_test_split, else []: it needs
+    every class twice (3 times when eval and test are both carved), and on each side at least
+    one row per class; eval gets ceil(n x eval_fraction) rows, test ceil(n x test_fraction)."""
     n = sum(classes.values())
-    n_eval = math.ceil(frac * n)
-    n_train, k = n - n_eval, len(classes)
+    carved = _carved(n, ef, tf)
+    if not carved:
+        return []
+    n_train, k = n - sum(m for _, _, m in carved), len(classes)
     reasons = []
-    if n_train < k or n_eval < k:
+    if n_train < k or any(m < k for _, _, m in carved):
         reasons.append(
-            f"eval gets ceil({n} x {frac}) = {n_eval} and train {n_train} rows, and each needs "
-            f"at least one row per class ({k} classes)"
+            f"{_gets(n, carved)} and train {n_train} rows, and each needs at least one row per "
+            f"class ({k} classes)"
         )
-    rare = sorted((c for c, m in classes.items() if m < 2), key=str)
+    least = len(carved) + 1
+    rare = sorted((c for c, m in classes.items() if m < least), key=str)
     if rare:
         names = ", ".join(_short(c) for c in rare[:5]) + (" ..." if len(rare) > 5 else "")
-        which = f"class {names} has" if len(rare) == 1 else f"{len(rare)} classes ({names}) have"
-        reasons.append(f"every class needs at least 2 rows ({which} 1)")
+        which = f"class {names} has {classes[rare[0]]}" if len(rare) == 1 else (
+            f"{len(rare)} classes ({names}) have fewer")  # fmt: skip
+        reasons.append(f"every class needs at least {least} rows ({which})")
     if not reasons:
         return []
     return [
         f"dataset.source: {source!r} has {after}, too few for a stratified split with "
-        f"dataset.eval_fraction {frac}: {'; '.join(reasons)}"
+        f"{_fractions(carved)}: {'; '.join(reasons)}"
     ]

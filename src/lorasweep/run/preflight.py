@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lorasweep.plan import merge_adapter
-from lorasweep.spec import RESERVED_TRAINING_KEYS, SpecError, SweepSpec
+from lorasweep.spec import RESERVED_TRAINING_KEYS, SpecError, SweepSpec, lora_keys
+from lorasweep.spec_checks import space_dims
 
 
 def _training_fields() -> dict[str, Any]:
@@ -109,34 +110,42 @@ def check_training(training: dict[str, Any], key: str, fields: dict[str, Any]) -
 
 
 def check_dataset(spec: SweepSpec) -> list[str]:
+    """The source, its eval and test files, their columns and every row of a local file: one
+    line per problem, before any weights load."""
     from lorasweep.run import datacheck
-    from lorasweep.training import data, sources
+    from lorasweep.training import sources
 
     d = spec.dataset
     src = d.source
-    if src.startswith("builtin:"):
-        if src not in sources.BUILTIN_DATASETS:
-            return [
-                f"dataset.source: unknown builtin {src!r}; choose from "
-                f"{', '.join(sources.BUILTIN_DATASETS)}"
-            ]
-    elif sources.is_local(src) or src.startswith((".", "/", "~")):
-        path = Path(src).expanduser()
-        if not path.exists():
-            return [f"dataset.source: file not found: {src!r}"]
-        if path.suffix.lower() not in sources.LOCAL_SUFFIXES:
-            return [
-                f"dataset.source: unsupported file type {path.suffix!r} "
-                f"(use {', '.join(sources.LOCAL_SUFFIXES)})"
-            ]
-    try:
-        columns = data.source_columns(src)
-    except sources.DataError as e:
-        return [str(e)]
-    except Exception as e:  # noqa: BLE001 - a malformed file: one line, not a traceback
-        return [f"dataset.source: cannot read {src!r}: {e}"]
-    if columns is None:  # a hub dataset: columns are known only after download
-        return []
+    if src.startswith("builtin:") and src not in sources.BUILTIN_DATASETS:
+        return [
+            f"dataset.source: unknown builtin {src!r}; choose from "
+            f"{', '.join(sources.BUILTIN_DATASETS)}"
+        ]
+    local = not src.startswith("builtin:") and (
+        sources.is_local(src) or src.startswith((".", "/", "~"))
+    )
+    files = {"source": src} | {k: v for k in ("eval_file", "test_file") if (v := getattr(d, k))}
+    columns: dict[str, list[str] | None] = {}
+    errors = []
+    for role, ref in files.items():
+        path = Path(ref).expanduser()
+        if role != "source" or local:
+            if not path.exists():
+                errors.append(f"dataset.{role}: file not found: {ref!r}")
+                continue
+            if path.suffix.lower() not in sources.LOCAL_SUFFIXES:
+                errors.append(f"dataset.{role}: unsupported file type {path.suffix!r} "
+                              f"(use {', '.join(sources.LOCAL_SUFFIXES)})")  # fmt: skip
+                continue
+        try:
+            columns[role] = sources.source_columns(ref)
+        except sources.DataError as e:
+            errors.append(str(e))
+        except Exception as e:  # noqa: BLE001 - a malformed file: one line, not a traceback
+            errors.append(f"dataset.{role}: cannot read {ref!r}: {e}")
+    if errors or columns["source"] is None:  # a hub dataset: columns are known after download
+        return errors
     if spec.task == "classification":
         needed = {"dataset.text_column": d.text_column, "dataset.label_column": d.label_column}
     else:
@@ -148,9 +157,12 @@ def check_dataset(spec: SweepSpec) -> list[str]:
         if d.format == "text":
             needed = {"dataset.text_column": d.text_column}
     missing = [
-        f"{key}: column {col!r} not in {src} (columns: {', '.join(map(str, columns))})"
+        f"{key}: column {col!r} not in {files[role]}"
+        + ("" if role == "source" else f" (dataset.{role})")
+        + f" (columns: {', '.join(map(str, have))})"
+        for role, have in columns.items()
         for key, col in needed.items()
-        if col not in columns
+        if have is not None and col not in have
     ]
     # every row of a local file, before any weights load (a bad row 300 fails here, not in
     # the middle of tokenizing)
@@ -213,6 +225,12 @@ def check_model(spec: SweepSpec, device: str = "cpu") -> list[str]:
                 rank_pattern_for_groups(meta, ad["rank_pattern"], ad.get("alpha_pattern"))
             except ValueError as e:
                 errors.append(f"{key}.rank_pattern: {e}")
+    where, values = space_dims(spec).get("target_modules", ("", []))
+    for i, tm in enumerate(values):
+        try:
+            resolve_targets(meta, tm)
+        except ValueError as e:
+            errors.append(f"{where}[{i}]: {e}")
     return list(dict.fromkeys(errors))
 
 
@@ -299,6 +317,27 @@ def check_variants(spec: SweepSpec, device: str) -> list[str]:
     return errors
 
 
+def check_space_training(spec: SweepSpec, fields: dict[str, Any]) -> list[str]:
+    """Each TrainingArguments value of the grid and the search, checked as if it were in
+    ``training:`` (with the other training settings, for the ranges that depend on them)."""
+    lora = set(lora_keys(spec))
+    errors = []
+    for key, (where, values) in space_dims(spec).items():
+        if key in lora or key == "rank":
+            continue
+        if key not in fields:
+            errors.append(
+                f"{where}: neither a lora: key nor a transformers TrainingArguments field "
+                f"(values {values!r})"
+            )
+            continue
+        for i, v in enumerate(values):
+            for line in check_training({**spec.training, key: v}, "training", fields):
+                if line.startswith(f"training.{key}:"):
+                    errors.append(f"{where}[{i}]" + line.removeprefix(f"training.{key}"))
+    return list(dict.fromkeys(errors))
+
+
 def check_spec(spec: SweepSpec, *, device: str | None = None) -> list[str]:
     """Raise SpecError with every problem found; when the spec can run, return the notes the
     user should read before it does (one line each)."""
@@ -306,7 +345,9 @@ def check_spec(spec: SweepSpec, *, device: str | None = None) -> list[str]:
         from lorasweep.training.models import pick_device
 
         device = pick_device()
-    errors = check_training(spec.training, "training", _training_fields())
+    fields = _training_fields()
+    errors = check_training(spec.training, "training", fields)
+    errors += check_space_training(spec, fields)
     errors += check_dataset(spec)
     errors += check_variants(spec, device)
     errors += check_model(spec, device)

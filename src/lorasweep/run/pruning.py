@@ -215,7 +215,7 @@ def run_pruned(
     rungs = rung_steps(total, eta=settings.eta, min_steps=settings.min_steps)
     metric = settings.metric_for(task)
     state = _prune_state(runner.store, settings, metric, total, rungs)
-    config = {t.id: group_label({"variant": t.variant, "rank": t.rank}) for t in trials}
+    config = {t.id: group_label({"variant": t.variant, "rank": t.rank, **t.point}) for t in trials}
     if len(set(config.values())) < 2:
         runner.note("--prune: one configuration, nothing to compare; its trials run to the end")
     elif not rungs:

@@ -19,23 +19,18 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lorasweep.records import Trial
+from lorasweep.records import Trial, settings_of
 from lorasweep.store import DB_NAME
 
 LOCK_NAME = ".lorasweep.lock"
 OWNER_NAME = ".lorasweep.owner"
 # files a claimed folder can hold before its store exists (a sweep killed at that moment)
 _OWN_BEFORE_STORE = {LOCK_NAME, OWNER_NAME}
-# adapter keys that follow the rank under one alpha policy: they differ between the ranks of
-# one grid by design, so they are not "settings" that must stay fixed
-_RANK_DEPENDENT = ("r", "alpha", "scale")
-# config keys that say where results are logged, not how they are made
-_NOT_SETTINGS = ("report_to", "variant")
 _COMMON = ("task", "model", "dataset")
 
 
@@ -119,26 +114,8 @@ def _owner(out: Path) -> str:
 # same settings
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def settings_of(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The fixed settings of a trial config, flattened (``training.max_steps``): everything
-    except the rank and what follows from it, the variant's name and the logging targets."""
-    cfg = {k: v for k, v in config.items() if k not in _NOT_SETTINGS}
-    adapter = dict(cfg.get("adapter") or {})
-    for k in _RANK_DEPENDENT:
-        adapter.pop(k, None)
-    cfg["adapter"] = adapter
-    return _flatten(cfg)
+def _without(settings: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in keys}
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> str:
@@ -184,8 +161,17 @@ def check_same_settings(
     for row in stored:
         old_by_variant.setdefault(row["variant"], settings_of(row["config"]))
     new_by_variant: dict[str, dict[str, Any]] = {}
+    swept: dict[str, set[str]] = {}  # per variant: the keys its grid or search varies
     for t in planned:
-        new_by_variant.setdefault(t.variant, settings_of(t.config))
+        settings = settings_of(t.config)
+        first = new_by_variant.setdefault(t.variant, settings)
+        swept.setdefault(t.variant, set()).update(
+            k for k in first.keys() | settings.keys() if first.get(k, "-") != settings.get(k, "-")
+        )
+    for variant, keys in swept.items():  # a swept key's stored values are other grid points
+        new_by_variant[variant] = _without(new_by_variant[variant], keys)
+        if variant in old_by_variant:
+            old_by_variant[variant] = _without(old_by_variant[variant], keys)
     new_any = next(iter(new_by_variant.values()))
     old_any = next(iter(old_by_variant.values()))
     common_old = {k: v for k, v in old_any.items() if k.split(".")[0] in _COMMON}

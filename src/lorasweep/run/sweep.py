@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from lorasweep.plan import describe_plan
 from lorasweep.records import Trial, TrialResult, TrialStatus, paused_of
 from lorasweep.run.backends import RunContext, get_backend
 from lorasweep.run.estimates import estimate_peaks
@@ -28,6 +29,9 @@ from lorasweep.training.data import prepare_for_sweep
 from lorasweep.training.sources import source_fingerprint
 
 RETRYABLE = {s.value: s for s in TrialStatus if s.retryable}  # failed, oom
+# a sweep that would start more new trials than this asks for --yes (a typo in a grid can plan
+# ten thousand trials; they should not start training without a word)
+CONFIRM_ABOVE = 200
 
 
 @dataclass
@@ -75,12 +79,14 @@ def run_sweep(
     quiet: bool = False,
     validated: bool = False,
     prune: PruneSettings | bool | None = None,
+    yes: bool = False,
 ) -> SweepOutcome:
     """Run (or resume) a sweep into ``out_dir`` and return what happened.
 
     ``prune`` (True or a PruneSettings) runs successive halving over the configurations: every
     surviving trial is paused at each rung, and a configuration significantly worse than the
     best across seeds is stored ``pruned`` (see ``lorasweep.run.pruning`` and docs/scaling.md).
+    More than ``CONFIRM_ABOVE`` trials not yet in ``out_dir`` need ``yes=True`` (``--yes``).
     """
     bad = set(retry) - set(RETRYABLE)
     if bad:
@@ -98,6 +104,7 @@ def run_sweep(
     out = Path(out_dir)
     check_out_path(out)  # a file, or a stranger's folder: refused before anything loads
     trials = spec.trials()
+    _confirm_size(spec, trials, out, yes, quiet)
     be = get_backend(backend, jobs=jobs, address=address)
     try:
         if _has_work(out, trials, set(retry)):
@@ -256,6 +263,24 @@ class _Runner:
                 shutil.rmtree(self.out / old, ignore_errors=True)
         else:
             shutil.rmtree(self.out / "trials" / tid / "checkpoints", ignore_errors=True)
+
+
+def _confirm_size(spec: SweepSpec, trials: list[Trial], out: Path, yes: bool, quiet: bool) -> None:
+    """Print the size of the plan; refuse more than CONFIRM_ABOVE new trials without ``yes``."""
+    known: set[str] = set()
+    if (out / "lorasweep.db").exists():
+        with open_store(out) as store:
+            known = {row["id"] for row in store.trials()}
+    new = sum(t.id not in known for t in trials)
+    size = describe_plan(spec, trials)
+    if not quiet:
+        more = f", {new} not yet in {out}" if known else ""
+        print(f"lorasweep: plan: {size}{more}", file=sys.stderr)
+    if new > CONFIRM_ABOVE and not yes:
+        raise ValueError(
+            f"--yes: the spec plans {new} new trials ({size}), more than {CONFIRM_ABOVE}; check "
+            "the grid, then pass --yes to start them"
+        )
 
 
 def _has_work(out: Path, trials: list[Trial], retry: set[str]) -> bool:

@@ -1,11 +1,14 @@
 """Datasets: load (builtin / local file / hub id), split, subsample, tokenize, cache on disk.
 
-The train/eval split and the subsampling depend on ``dataset.split_seed`` only, never on the trial
-seed, so every trial of a sweep trains and evaluates on the same examples; the trial seed changes
-only the order (and dropout and init). Tokenized datasets are cached under the run folder keyed by
-a hash of everything that affects them, the content of the source included (an edited file is
-re-tokenized), so the n-th trial of a sweep loads them in milliseconds. Rows are de-duplicated
-before the split, so no example is in both train and eval.
+Three splits: train; eval (validation: curves, pruning rungs, the main metrics and any selection)
+and, when the spec asks for one, test (scored once at the end of a trial, for the final
+comparison). The splits and the subsampling depend on ``dataset.split_seed`` only, never on the
+trial seed, so every trial of a sweep trains and evaluates on the same examples; the trial seed
+changes only the order (and dropout and init). A carved test split comes out of what the eval
+split leaves, so adding one keeps the eval examples. Tokenized datasets are cached under the run
+folder keyed by a hash of everything that affects them, the content of the source and of its
+eval/test files included (an edited file is re-tokenized), so the n-th trial of a sweep loads them
+in milliseconds. Rows are de-duplicated before the split, so no example is in two splits.
 """
 
 from __future__ import annotations
@@ -17,51 +20,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lorasweep.plan import dataset_config
 from lorasweep.records import canonical_json
 from lorasweep.training.sources import (
     COLUMN_KEYS,
-    LOCAL_SUFFIXES,
     DataError,
-    deduplicate,
-    existing_path,
-    is_local,
-    movie_reviews_csv,
-    shakespeare_files,
+    deduplicate_splits,
+    load_splits,
     source_fingerprint,
-    unknown_builtin,
 )
-
-
-def source_columns(source: str) -> list[str] | None:
-    """Column names of a source without loading it all (None when unknown before loading)."""
-    if source in ("builtin:rotten-tomatoes", "builtin:imdb"):
-        return ["text", "label"]
-    if source == "builtin:shakespeare":
-        return ["text"]
-    if source == "builtin:shakespeare-instruct":
-        return ["instruction", "input", "output"]
-    if not is_local(source):
-        return None
-    path = Path(source).expanduser()
-    kind = LOCAL_SUFFIXES.get(path.suffix.lower())
-    if kind == "text":
-        return ["text"]
-    if kind == "csv":
-        import pandas as pd
-
-        return list(pd.read_csv(path, nrows=5).columns)
-    if kind == "json":
-        import pandas as pd
-
-        lines = path.suffix.lower() == ".jsonl"
-        if lines:
-            return list(pd.read_json(path, lines=True, nrows=5).columns)
-        return list(pd.read_json(path).columns)
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        return list(pq.read_schema(path).names)
-    return None
 
 
 def dedup_columns(dspec: dict[str, Any], task: str) -> list[str]:
@@ -74,112 +41,132 @@ def dedup_columns(dspec: dict[str, Any], task: str) -> list[str]:
 
 def load_raw(dspec: dict[str, Any], task: str) -> tuple[Any, Any | None]:
     """(train, eval or None) as ``datasets.Dataset``, before subsampling and tokenizing."""
-    import datasets
-
-    source = dspec["source"]
-    if source in ("builtin:rotten-tomatoes", "builtin:imdb"):
-        import pandas as pd
-
-        df = pd.read_csv(movie_reviews_csv())
-        df = df[df["source"] == source.removeprefix("builtin:").replace("-", "_")]
-        # 96 IMDB texts occur twice in the package: deduplicate() drops them before the split
-        df = df.reset_index(drop=True)
-        return datasets.Dataset.from_pandas(df[["text", "label"]], preserve_index=False), None
-    if source == "builtin:shakespeare":
-        docs = [p.read_text(encoding="utf-8", errors="replace") for p in shakespeare_files()]
-        return datasets.Dataset.from_dict({"text": docs}), None
-    if source == "builtin:shakespeare-instruct":
-        from lorasweep.training.shakespeare import build_shakespeare_instructions
-
-        # Built already split, so that max_train_examples and max_eval_examples are both met
-        # exactly (a fraction carved from train+eval rows would leave the eval set short). The
-        # windows never overlap, so no text is in both splits.
-        n_train = dspec.get("max_train_examples") or 2000
-        frac = dspec.get("eval_fraction", 0.1)
-        n_eval = dspec.get("max_eval_examples") or max(1, math.ceil(n_train * frac / (1 - frac)))
-        rows = build_shakespeare_instructions(n_train + n_eval, seed=dspec.get("split_seed", 0))
-        return rows.select(range(n_train)), rows.select(range(n_train, n_train + n_eval))
-    if source.startswith("builtin:"):
-        raise unknown_builtin(source)
-    if is_local(source):
-        path = existing_path(source)
-        kind = LOCAL_SUFFIXES[path.suffix.lower()]
-        if kind == "text":  # one document per file: a .txt is plain text for causal LM
-            return datasets.Dataset.from_dict({"text": [path.read_text(errors="replace")]}), None
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-        return ds, None
-    try:  # a hub id: the real loading code (needs the network)
-        dd = datasets.load_dataset(source, dspec.get("config_name"))
-    except Exception as e:  # noqa: BLE001 - datasets raises many types; one line for the user
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"dataset.source: cannot load {source!r}: {first}") from None
-    train = dd[dspec.get("train_split", "train")]
-    eval_split = dspec.get("eval_split")
-    if eval_split is None:
-        eval_split = next((s for s in ("validation", "test") if s in dd), None)
-    return train, (dd[eval_split] if eval_split else None)
+    return load_splits(dspec, task)[:2]
 
 
 def split_and_subsample(dspec: dict[str, Any], task: str) -> tuple[Any, Any]:
     """Seeded train/eval split (stratified by label for classification) and subsampling."""
-    train, evalset, _ = _split_and_subsample(dspec, task)
+    train, evalset, _, _ = split_three(dspec, task)
     return train, evalset
 
 
 def _split_and_subsample(dspec: dict[str, Any], task: str) -> tuple[Any, Any, dict[str, int]]:
     """(train, eval, de-duplication counts): see split_and_subsample and deduplicate."""
-    train, evalset = load_raw(dspec, task)
-    dedup = {"train_duplicates_dropped": 0, "eval_in_train_dropped": 0}
-    if not (task == "causal-lm" and dspec.get("format", "text") == "text" and evalset is not None):
-        # a published plain-text eval split (wikitext-style lines) stays as published: its
-        # repeated lines are headings and blank lines, not leaked examples
-        train, evalset, dedup = deduplicate(train, evalset, dedup_columns(dspec, task))
-    seed = dspec.get("split_seed", 0)
-    if task == "causal-lm" and dspec.get("format", "text") == "text" and evalset is None:
-        # plain text: hold out whole documents when there are several, else the tail of the text
-        if len(train) >= 4:
-            parts = train.train_test_split(test_size=dspec["eval_fraction"], seed=seed)
-            train, evalset = parts["train"], parts["test"]
-        else:
-            text = "\n".join(train["text"])
-            cut = int(len(text) * (1 - dspec["eval_fraction"]))
-            import datasets
-
-            train = datasets.Dataset.from_dict({"text": [text[:cut]]})
-            evalset = datasets.Dataset.from_dict({"text": [text[cut:]]})
-        return train, evalset, dedup
-    if task == "classification":
-        train, evalset = _as_class_labels(train, evalset, dspec["label_column"])
-    if evalset is None:
-        stratify = dspec["label_column"] if task == "classification" else None
-        parts = train.train_test_split(
-            test_size=dspec["eval_fraction"], seed=seed, stratify_by_column=stratify
-        )
-        train, evalset = parts["train"], parts["test"]
-    train = train.shuffle(seed=seed)
-    if dspec.get("max_train_examples"):
-        train = train.select(range(min(len(train), dspec["max_train_examples"])))
-    if dspec.get("max_eval_examples"):
-        evalset = evalset.shuffle(seed=seed)
-        evalset = evalset.select(range(min(len(evalset), dspec["max_eval_examples"])))
+    train, evalset, _, dedup = split_three(dspec, task)
     return train, evalset, dedup
 
 
-def _as_class_labels(train: Any, evalset: Any, label: str) -> tuple[Any, Any]:
-    """Encode the label column as a ClassLabel (ints 0..k-1), the same mapping in both splits."""
+def split_three(dspec: dict[str, Any], task: str) -> tuple[Any, Any, Any | None, dict[str, int]]:
+    """(train, eval, test or None, de-duplication counts): rows de-duplicated, then the seeded
+    eval split carved (stratified by label for classification), then the test split carved from
+    what is left (``test_fraction`` of the rows), then the seeded subsamples."""
+    train, evalset, test = load_splits(dspec, task)
+    plain = task == "causal-lm" and dspec.get("format", "text") == "text"
+    dedup = {"train_duplicates_dropped": 0, "eval_in_train_dropped": 0}
+    if not (plain and evalset is not None):
+        # a published plain-text eval split (wikitext-style lines) stays as published: its
+        # repeated lines are headings and blank lines, not leaked examples
+        train, evalset, test, dedup = deduplicate_splits(
+            train, evalset, test, dedup_columns(dspec, task)
+        )
+    seed, ef, tf = dspec.get("split_seed", 0), dspec["eval_fraction"], dspec.get("test_fraction")
+    if plain and (evalset is None or (test is None and tf)):
+        return (*_carve_text(train, evalset, test, ef, tf, seed), dedup)
+    stratify = None
+    if task == "classification":
+        train, evalset, test = _as_class_labels(train, evalset, test, dspec)
+        stratify = dspec["label_column"]
+    n_rows = len(train)
+    if evalset is None:
+        parts = train.train_test_split(test_size=ef, seed=seed, stratify_by_column=stratify)
+        train, evalset = parts["train"], parts["test"]
+    if test is None and tf:
+        n_test = carved_rows(tf, n_rows)
+        parts = train.train_test_split(test_size=n_test, seed=seed, stratify_by_column=stratify)
+        train, test = parts["train"], parts["test"]
+    train = train.shuffle(seed=seed)
+    if dspec.get("max_train_examples"):
+        train = train.select(range(min(len(train), dspec["max_train_examples"])))
+    evalset = _subsample(evalset, dspec.get("max_eval_examples"), seed)
+    return train, evalset, _subsample(test, dspec.get("max_test_examples"), seed), dedup
+
+
+def carved_rows(fraction: float, n: int) -> int:
+    """Rows a fraction of n rows gets: ceil, as datasets' train_test_split counts."""
+    return math.ceil(round(fraction * n, 9))
+
+
+def _subsample(ds: Any | None, n: int | None, seed: int) -> Any | None:
+    if ds is None or not n:
+        return ds
+    return ds.shuffle(seed=seed).select(range(min(len(ds), n)))
+
+
+def _carve_text(
+    train: Any, evalset: Any | None, test: Any | None, ef: float, tf: float | None, seed: int
+) -> tuple[Any, Any, Any | None]:
+    """Plain text: carve the splits that are missing, as whole documents when there are several,
+    else from the tail of the text (eval the last ``ef`` of it, a test split the ``tf`` before)."""
+    carve_eval, carve_test = evalset is None, test is None and bool(tf)
+    if len(train) >= 4:
+        n_rows = len(train)
+        if carve_eval:
+            parts = train.train_test_split(test_size=ef, seed=seed)
+            train, evalset = parts["train"], parts["test"]
+        if carve_test:
+            parts = train.train_test_split(test_size=carved_rows(tf, n_rows), seed=seed)
+            train, test = parts["train"], parts["test"]
+        return train, evalset, test
+    import datasets
+
+    text = "\n".join(train["text"])
+    cut = int(len(text) * (1 - ef)) if carve_eval else len(text)
+    start = int(len(text) * ((1 - ef if carve_eval else 1) - tf)) if carve_test else cut
+
+    def piece(a: int, b: int) -> Any:
+        return datasets.Dataset.from_dict({"text": [text[a:b]]})
+
+    evalset = piece(cut, len(text)) if carve_eval else evalset
+    return piece(0, start), evalset, piece(start, cut) if carve_test else test
+
+
+def _as_class_labels(train: Any, evalset: Any, test: Any | None, dspec: dict[str, Any]):
+    """Encode the label column as a ClassLabel (ints 0..k-1), the same mapping in every split:
+    eval and test labels are matched to train's by name; one that train lacks is a DataError."""
     from datasets import ClassLabel
 
+    label = dspec["label_column"]
     if label not in train.column_names:
-        return train, evalset  # reported by prepare() with the available columns
+        return train, evalset, test  # reported by prepare() with the available columns
     if not isinstance(train.features[label], ClassLabel):
         train = train.class_encode_column(label)
-    if evalset is not None and evalset.features[label] != train.features[label]:
-        evalset = evalset.cast_column(label, train.features[label])
-    return train, evalset
+    feature = train.features[label]
+    index = {str(n): i for i, n in enumerate(feature.names)}
+    out = []
+    for ds, role in ((evalset, "eval"), (test, "test")):
+        if ds is None or label not in ds.column_names or ds.features[label] == feature:
+            out.append(ds)
+            continue
+        own = ds.features[label]
+        names = own.names if isinstance(own, ClassLabel) else None
+        as_text = [names[v] if names else str(v) for v in ds[label]]
+        unknown = sorted(set(as_text) - set(index))
+        if unknown:
+            key = f"dataset.{role}_file" if dspec.get(f"{role}_file") else f"dataset.{role}_split"
+            raise DataError(
+                f"{key}: label {unknown[0]!r} of the {role} split is not a label of the training "
+                f"data (labels: {', '.join(feature.names)})"
+            )
+        ds = ds.remove_columns(label).add_column(label, [index[t] for t in as_text])
+        out.append(ds.cast_column(label, feature))
+    return train, out[0], out[1]
 
 
-def tokenize_classification(train: Any, evalset: Any, tokenizer: Any, dspec: dict[str, Any]):
-    """Tokenize without padding (the collator pads each batch); labels are ClassLabel ints."""
+def tokenize_classification(
+    train: Any, evalset: Any, tokenizer: Any, dspec: dict[str, Any], test: Any | None = None
+) -> tuple[Any, Any, Any | None, dict[str, Any]]:
+    """Tokenized (train, eval, test or None, info), without padding (the collator pads each
+    batch); labels are ClassLabel ints."""
     text, label = dspec["text_column"], dspec["label_column"]
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -191,7 +178,8 @@ def tokenize_classification(train: Any, evalset: Any, tokenizer: Any, dspec: dic
         return ds.map(encode, batched=True, remove_columns=ds.column_names)
 
     names = [str(n) for n in train.features[label].names]
-    return tok(train), tok(evalset), {"num_labels": len(names), "label_names": names}
+    info = {"num_labels": len(names), "label_names": names}
+    return tok(train), tok(evalset), None if test is None else tok(test), info
 
 
 def prepared_cache_key(
@@ -200,7 +188,11 @@ def prepared_cache_key(
     """Hash of everything the tokenized data depends on, the source's content included.
 
     Without a fingerprint (hub ids) the key is the one of earlier versions, so their caches stay.
+    The dataset block counts as a trial's config holds it (``plan.dataset_config``: test and
+    eval-file keys only when set), so the parent's spec and every trial find the same cache, and
+    a spec without those keys keeps the key it had before they existed.
     """
+    dspec = dataset_config(dspec)
     fields: dict[str, Any] = {"dataset": dspec, "task": task, "model": model, "v": 1}
     if fingerprint is not None:
         fields.update(fingerprint=fingerprint, v=2)  # v2: rows de-duplicated before the split
@@ -215,16 +207,30 @@ def prepare(
     cache_root: Path | None,
     fingerprint: str | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """Tokenized (train, eval, info), loaded from the on-disk cache when present.
+    """Tokenized (train, eval, info): :func:`prepare_splits` without the test split."""
+    train, evalset, _, info = prepare_splits(
+        dspec, task, model_ref, tokenizer, cache_root, fingerprint
+    )
+    return train, evalset, info
+
+
+def prepare_splits(
+    dspec: dict[str, Any],
+    task: str,
+    model_ref: str,
+    tokenizer: Any,
+    cache_root: Path | None,
+    fingerprint: str | None = None,
+) -> tuple[Any, Any, Any | None, dict[str, Any]]:
+    """Tokenized (train, eval, test or None, info), loaded from the on-disk cache when present.
 
     ``fingerprint``: the source's content hash taken by the sweep's parent, so every trial loads
     the data the parent tokenized even if the file is edited meanwhile; None: computed here.
     ``info`` holds num_labels / label_names for classification and the formats' truncation
-    counts (response_truncated, response_removed, target_tokens) for causal LM, plus
-    ``fingerprint`` and ``dedup`` (see deduplicate) for every task.
+    counts (response_truncated, response_removed, target_tokens) per split for causal LM, plus
+    ``fingerprint`` and ``dedup`` (see deduplicate_splits) for every task.
     """
-    import datasets
-
+    # long: cache lookup, split, checks, tokenizing per task, cache write read top to bottom
     if fingerprint is None:
         fingerprint = source_fingerprint(dspec)
     folder = None
@@ -232,56 +238,64 @@ def prepare(
         key = prepared_cache_key(dspec, task, model_ref, fingerprint)
         folder = Path(cache_root) / f"data-{key}"
         if (folder / "info.json").exists():
-            info = json.loads((folder / "info.json").read_text())
-            return (
-                datasets.load_from_disk(str(folder / "train")),
-                datasets.load_from_disk(str(folder / "eval")),
-                info,
-            )
-    train, evalset, dedup = _split_and_subsample(dspec, task)
+            return (*_load_saved(folder), json.loads((folder / "info.json").read_text()))
+    train, evalset, test, dedup = split_three(dspec, task)
     if fingerprint is not None and (now := source_fingerprint(dspec)) != fingerprint:
         # the rows just read are not the ones the fingerprint (and so the cache key) stands for
+        files = " or its eval/test file" if dspec.get("eval_file") or dspec.get("test_file") else ""
         raise DataError(
-            f"dataset.source: {dspec['source']!r} changed since the sweep started (content "
-            f"fingerprint {fingerprint}, now {now}); run the sweep again to use the new data"
+            f"dataset.source: {dspec['source']!r}{files} changed since the sweep started "
+            f"(content fingerprint {fingerprint}, now {now}); run the sweep again to use the "
+            "new data"
         )
-    for col in _needed_columns(dspec, task):
-        if col not in train.column_names:
-            key = "dataset.label_column" if col == dspec.get("label_column") else "dataset"
-            raise DataError(
-                f"{key}: column {col!r} not in the data (columns: {', '.join(train.column_names)})"
-            )
+    for role, ds in (("source", train), ("eval_file", evalset), ("test_file", test)):
+        for col in _needed_columns(dspec, task) if ds is not None else []:
+            if col not in ds.column_names:
+                key = "dataset.label_column" if col == dspec.get("label_column") else "dataset"
+                where = f" of dataset.{role}" if dspec.get(role) and role != "source" else ""
+                raise DataError(f"{key}: column {col!r} not in the data{where} (columns: "
+                                f"{', '.join(ds.column_names)})")  # fmt: skip
     if task == "classification":
-        train_t, eval_t, info = tokenize_classification(train, evalset, tokenizer, dspec)
+        train_t, eval_t, test_t, info = tokenize_classification(
+            train, evalset, tokenizer, dspec, test
+        )
     else:
         from lorasweep.training.formats import tokenize_causal
 
-        fmt = format_spec(dspec)
-        train_t, tr_stats = tokenize_causal(train, tokenizer, fmt, dspec["max_length"])
-        eval_t, ev_stats = tokenize_causal(evalset, tokenizer, fmt, dspec["max_length"])
-        if fmt.format == "text":
-            # plain text is cut into blocks of max_length tokens: the example limits count blocks
-            # (a seeded sample), not documents — a held-out play is thousands of blocks
-            seed = dspec.get("split_seed", 0)
-            train_t = _limit(train_t, dspec.get("max_train_examples"), seed)
-            eval_t = _limit(eval_t, dspec.get("max_eval_examples"), seed)
-            tr_stats["blocks_used"], ev_stats["blocks_used"] = len(train_t), len(eval_t)
-        info = {"train": tr_stats, "eval": ev_stats}
+        fmt, seed, info = format_spec(dspec), dspec.get("split_seed", 0), {}
+        tokenized = []
+        for role, ds in (("train", train), ("eval", evalset), ("test", test)):
+            if ds is None:
+                tokenized.append(None)
+                continue
+            ds_t, info[role] = tokenize_causal(ds, tokenizer, fmt, dspec["max_length"])
+            if fmt.format == "text":
+                # plain text is cut into blocks of max_length tokens: the example limits count
+                # blocks (a seeded sample), not documents — a held-out play is thousands of blocks
+                ds_t = _limit(ds_t, dspec.get(f"max_{role}_examples"), seed)
+                info[role]["blocks_used"] = len(ds_t)
+            tokenized.append(ds_t)
+        train_t, eval_t, test_t = tokenized
     info.update(fingerprint=fingerprint, dedup=dedup)
-    if folder is not None:
-        tmp = folder.with_name(folder.name + ".tmp")
-        train_t.save_to_disk(str(tmp / "train"))
-        eval_t.save_to_disk(str(tmp / "eval"))
-        (tmp / "info.json").write_text(json.dumps(info))
-        if not folder.exists():
-            tmp.rename(folder)
-        # reload from disk so the first trial sees exactly what later trials see
-        return (
-            datasets.load_from_disk(str(folder / "train")),
-            datasets.load_from_disk(str(folder / "eval")),
-            info,
-        )
-    return train_t, eval_t, info
+    if folder is None:
+        return train_t, eval_t, test_t, info
+    tmp = folder.with_name(folder.name + ".tmp")
+    for name, ds in (("train", train_t), ("eval", eval_t), ("test", test_t)):
+        if ds is not None:
+            ds.save_to_disk(str(tmp / name))
+    (tmp / "info.json").write_text(json.dumps(info))
+    if not folder.exists():
+        tmp.rename(folder)
+    # reload from disk so the first trial sees exactly what later trials see
+    return (*_load_saved(folder), info)
+
+
+def _load_saved(folder: Path) -> tuple[Any, Any, Any | None]:
+    import datasets
+
+    train, evalset = (datasets.load_from_disk(str(folder / n)) for n in ("train", "eval"))
+    test = datasets.load_from_disk(str(folder / "test")) if (folder / "test").exists() else None
+    return train, evalset, test
 
 
 def _limit(ds: Any, n: int | None, seed: int) -> Any:
@@ -330,13 +344,10 @@ def prepare_for_sweep(
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()  # "Map: 100%" bars would fill a CI log
     tok = models.load_tokenizer(spec.model)
-    train, _, info = prepare(
-        spec.dataset.model_dump(),
-        spec.task,
-        spec.model,
-        tok,
-        out / "cache",
-        fingerprint=fingerprint,
+    # the dataset block as the trials get it (trial.config["dataset"]): one cache for all
+    dspec = dataset_config(spec.dataset.model_dump())
+    train, evalset, test, info = prepare_splits(
+        dspec, spec.task, spec.model, tok, out / "cache", fingerprint=fingerprint
     )
     dedup = dict(info.get("dedup") or {})
     words = [
@@ -344,10 +355,16 @@ def prepare_for_sweep(
         for what, n in (
             ("duplicate rows", dedup.get("train_duplicates_dropped")),
             ("eval rows also in train", dedup.get("eval_in_train_dropped")),
+            ("test rows also in train or eval", dedup.get("test_in_train_or_eval_dropped")),
         )
         if n
     ]
+    splits = "train, eval and test" if test is not None else "train and eval"
     if words:
         print(f"lorasweep: note: dataset: dropped {' and '.join(words)} before the split, so "
-              "no text is in both train and eval", file=sys.stderr)  # fmt: skip
+              f"no text is in two of {splits}", file=sys.stderr)  # fmt: skip
+    if test is not None:
+        print(f"lorasweep: note: dataset: {len(train)} train, {len(evalset)} eval (validation: "
+              f"curves, pruning, selection) and {len(test)} test examples (the final "
+              "comparison: test_* metrics)", file=sys.stderr)  # fmt: skip
     return len(train), dedup

@@ -1,4 +1,5 @@
-"""A trial's evaluation: metrics from the model's outputs over the whole eval set."""
+"""A trial's evaluation: metrics from the model's outputs over the whole eval set (and the same
+metrics on the test split, named by ``records.test_metric``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from lorasweep.records import test_metric
 from lorasweep.training.formats import IGNORE_INDEX
 
 
@@ -34,6 +36,13 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
         "eval_loss": float(nll.mean()),
         "majority_rate": majority_rate(labels),
     }
+
+
+def as_test_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics of one evaluation, renamed as measured on the test split: accuracy ->
+    test_accuracy, f1 -> test_f1, eval_loss -> test_loss, perplexity -> test_perplexity,
+    eval_tokens -> test_tokens (``majority_rate`` stays the eval split's)."""
+    return {test_metric(k): v for k, v in metrics.items() if k != "majority_rate"}
 
 
 def classification_outcomes(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:

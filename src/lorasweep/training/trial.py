@@ -1,8 +1,9 @@
 """train_trial(trial) -> TrialResult: one LoRA configuration, one seed, measured.
 
-Reads top to bottom: seed, load data and model, wrap with peft, train with the HF Trainer, evaluate,
-save the adapter, measure. Every failure becomes a stored status (failed / oom / diverged) instead
-of an exception, so a sweep never loses a night to one bad trial.
+Reads top to bottom: seed, load data and model, wrap with peft, train with the HF Trainer, evaluate
+(on the eval split; then once on the test split when the data has one), save the adapter, measure.
+Every failure becomes a stored status (failed / oom / diverged) instead of an exception, so a
+sweep never loses a night to one bad trial.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from lorasweep.training.callbacks import (
     Recorder,
 )
 from lorasweep.training.evaluate import (
+    as_test_metrics,
     causal_eval_outcomes,
     classification_metrics,
     classification_outcomes,
@@ -135,7 +137,7 @@ def train_trial(
                 _run_name(trial, context),
                 result.metrics,
                 status=result.status.value,
-                tags={"lorasweep.trial_id": trial.id},
+                tags={"lorasweep.trial_id": trial.id, **_point_tags(trial)},
                 tensorboard_root=_tensorboard_root(workdir, context),
             )
         shutil.rmtree(workdir / "hf", ignore_errors=True)
@@ -160,6 +162,7 @@ class _Loaded:
     args: TrainingArguments
     trainable: int
     total: int
+    test_ds: Any = None  # None when the data has no test split
 
 
 def _run(
@@ -248,6 +251,8 @@ def _run(
     else:
         if outcomes is not None:  # per eval example, for paired comparisons across trials
             result.artifacts["eval_outcomes"] = outcomes
+        if loaded.test_ds is not None:
+            _evaluate_test(cfg["task"], trainer, loaded.test_ds, monitor, result)
         _save(workdir, loaded, ad, result)
 
 
@@ -263,7 +268,7 @@ def _load(
     cfg, ad, task = trial.config, trial.config["adapter"], trial.config["task"]
     tokenizer = models.load_tokenizer(cfg["model"])
     # the parent's fingerprint: every trial of a sweep uses the data the parent prepared
-    train_ds, eval_ds, info = data_mod.prepare(
+    train_ds, eval_ds, test_ds, info = data_mod.prepare_splits(
         cfg["dataset"], task, cfg["model"], tokenizer, cache_root,
         fingerprint=context.get("data_fingerprint"),
     )  # fmt: skip
@@ -291,7 +296,7 @@ def _load(
     set_seed(trial.seed)
     model = get_peft_model(model, build_peft_config(model, ad, task, steps))
     trainable, total = model.get_nb_trainable_parameters()
-    return _Loaded(tokenizer, train_ds, eval_ds, info, model, args, trainable, total)
+    return _Loaded(tokenizer, train_ds, eval_ds, info, model, args, trainable, total, test_ds)
 
 
 def _evaluate(task: str, trainer: Trainer, scored: Any) -> tuple[dict[str, float], Any]:
@@ -309,6 +314,21 @@ def _evaluate(task: str, trainer: Trainer, scored: Any) -> tuple[dict[str, float
     if grouped or any(len(a) != len(scored) for a in arrays.values()):
         return metrics, None
     return metrics, encode_outcomes(kind, **arrays)
+
+
+def _evaluate_test(
+    task: str, trainer: Trainer, test_ds: Any, monitor: Monitor, result: TrialResult
+) -> None:
+    """Score the test split once, after the final eval: the ``test_*`` metrics (timed apart as
+    ``test_seconds``) and the per-example ``test_outcomes``, encoded like ``eval_outcomes``.
+    Curves, rungs and selection never read it."""
+    with monitor.timer("test"):
+        metrics, outcomes = _evaluate(task, trainer, test_ds)
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise Diverged(f"evaluation on the test split is not finite: {metrics}")
+    result.metrics.update(as_test_metrics(metrics))
+    if outcomes is not None:
+        result.artifacts["test_outcomes"] = outcomes
 
 
 def _inner_collator(task: str, tokenizer: Any) -> Any:
@@ -379,3 +399,9 @@ def _run_name(trial: Trial, context: dict[str, Any]) -> str:
 def _tensorboard_root(workdir: Path, context: dict[str, Any]) -> Path:
     """``<run folder>/tensorboard``: outside the Trainer's output_dir, which is deleted."""
     return Path(context.get("out_dir") or workdir.parent.parent) / "tensorboard"
+
+
+def _point_tags(trial: Trial) -> dict[str, str]:
+    """The grid or search settings of this trial (``lorasweep.learning_rate``), so that a
+    tracker's runs can be grouped by them; rank, variant and seed are in the run name."""
+    return {f"lorasweep.{k}": str(v) for k, v in trial.point.items()}
