@@ -159,7 +159,7 @@ def test_rank_by_lr_is_the_issue_study():
     rank on validation and the ranks compared on a separate test split."""
     spec = parse_spec(ROOT / "examples/rank-by-lr.yaml")
     trials = spec.trials()
-    assert len(trials) == 18 and spec.tune == ["learning_rate"]
-    assert {t.rank for t in trials} == {4, 32} and len(spec.seeds) == 3
-    assert {t.config["training"]["learning_rate"] for t in trials} == {3e-4, 1e-3, 3e-3}
+    assert len(trials) == 24 and spec.tune == ["learning_rate"]
+    assert {t.rank for t in trials} == {4, 32} and len(spec.seeds) == 4
+    assert {t.config["training"]["learning_rate"] for t in trials} == {1e-3, 3e-3, 1e-2}
     assert spec.dataset.test_fraction and spec.model == "builtin:minilm-l6"

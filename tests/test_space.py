@@ -182,6 +182,11 @@ def test_more_trials_than_the_threshold_need_yes(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("lorasweep: error: --yes: the spec plans 297 new")
     assert "11 ranks x 3 learning_rate x 3 dropout x 3 seeds -> 297 trials" in err[0]
     assert not out.exists()  # nothing made
+    from lorasweep.api import Sweep
+
+    with pytest.raises(ValueError, match="--yes: the spec plans 297 new trials"):
+        Sweep.from_spec(spec).run(out, quiet=True)
+    assert not out.exists()
 
 
 def _fake_run(tmp_path, spec, accuracy):
@@ -226,6 +231,13 @@ def test_a_grid_point_added_to_a_run_is_not_a_changed_experiment(tmp_path):
     changed = _spec(training={"max_steps": 10, "learning_rate": 5e-4}).trials()
     with pytest.raises(RunFolderError, match="training.learning_rate 0.001 -> 0.0005"):
         check_same_settings(stored, changed, tmp_path)
+    # a run recorded with the grid resumed with one of its values fixed: not a change either
+    stored_grid = [{**t.to_dict(), "variant": t.variant} for t in grown]
+    check_same_settings(stored_grid, spec.trials(), tmp_path)
+    # but a fixed setting changed under a grid is
+    steps = _spec(training={"max_steps": 20}, grid={"learning_rate": [1e-4, 1e-3]}).trials()
+    with pytest.raises(RunFolderError, match="training.max_steps 10 -> 20"):
+        check_same_settings(stored_grid, steps, tmp_path)
 
 
 def test_point_is_a_label_not_part_of_the_id():

@@ -102,6 +102,7 @@ class Sweep:
         report: bool = True,
         quiet: bool = False,
         prune: bool | Any = False,
+        yes: bool = False,
     ) -> Results:
         """Run (or resume) the sweep into ``out_dir``; finished trials are never run again.
 
@@ -116,6 +117,8 @@ class Sweep:
             prune: True (or a ``lorasweep.run.pruning.PruneSettings``) for successive halving:
                 trials pause at rungs and configurations significantly worse than the best are
                 stored ``pruned``, as ``lorasweep run --prune``.
+            yes: start more than 200 new trials (``lorasweep run --yes``); without it such a
+                sweep is refused before anything runs.
         """
         from lorasweep.run.sweep import run_sweep
 
@@ -128,6 +131,7 @@ class Sweep:
             report=report,
             quiet=quiet,
             prune=prune,
+            yes=yes,
         )
         return Results(outcome.out_dir, outcome=outcome)
 

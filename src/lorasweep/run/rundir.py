@@ -158,20 +158,19 @@ def check_same_settings(
     if not stored or not planned:
         return
     old_by_variant: dict[str, dict[str, Any]] = {}
-    for row in stored:
-        old_by_variant.setdefault(row["variant"], settings_of(row["config"]))
     new_by_variant: dict[str, dict[str, Any]] = {}
-    swept: dict[str, set[str]] = {}  # per variant: the keys its grid or search varies
-    for t in planned:
-        settings = settings_of(t.config)
-        first = new_by_variant.setdefault(t.variant, settings)
-        swept.setdefault(t.variant, set()).update(
+    swept: dict[str, set[str]] = {}  # per variant: the keys a grid or search varies, then or now
+    pairs = [(row["variant"], row["config"], old_by_variant) for row in stored]
+    for variant, config, firsts in pairs + [(t.variant, t.config, new_by_variant) for t in planned]:
+        settings = settings_of(config)
+        first = firsts.setdefault(variant, settings)
+        swept.setdefault(variant, set()).update(
             k for k in first.keys() | settings.keys() if first.get(k, "-") != settings.get(k, "-")
         )
-    for variant, keys in swept.items():  # a swept key's stored values are other grid points
-        new_by_variant[variant] = _without(new_by_variant[variant], keys)
-        if variant in old_by_variant:
-            old_by_variant[variant] = _without(old_by_variant[variant], keys)
+    for variant, keys in swept.items():  # a swept key's values are points of a grid
+        for firsts in (old_by_variant, new_by_variant):
+            if variant in firsts:
+                firsts[variant] = _without(firsts[variant], keys)
     new_any = next(iter(new_by_variant.values()))
     old_any = next(iter(old_by_variant.values()))
     common_old = {k: v for k, v in old_any.items() if k.split(".")[0] in _COMMON}

@@ -199,18 +199,10 @@ def prepared_cache_key(
     return hashlib.sha256(canonical_json(fields).encode()).hexdigest()[:16]
 
 
-def prepare(
-    dspec: dict[str, Any],
-    task: str,
-    model_ref: str,
-    tokenizer: Any,
-    cache_root: Path | None,
-    fingerprint: str | None = None,
-) -> tuple[Any, Any, dict[str, Any]]:
-    """Tokenized (train, eval, info): :func:`prepare_splits` without the test split."""
-    train, evalset, _, info = prepare_splits(
-        dspec, task, model_ref, tokenizer, cache_root, fingerprint
-    )
+def prepare(*args: Any, **kwargs: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Tokenized (train, eval, info): :func:`prepare_splits` (same arguments) without the test
+    split."""
+    train, evalset, _, info = prepare_splits(*args, **kwargs)
     return train, evalset, info
 
 
