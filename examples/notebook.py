@@ -63,15 +63,26 @@ df[["label", "status", "accuracy", "f1", "train_seconds", "trainable_params"]]
 # %% [markdown]
 # ## Statistics and the recommendation
 # `analysis()` is `lorasweep.analysis.stats.analyze` (paired tests over seeds, Holm-adjusted);
-# keyword arguments choose the metric, cost, margin or a memory budget.
+# keyword arguments choose the metric, cost, margin or a memory budget. It is the dict `analyze`
+# returns, shown as the comparison table, the recommendation card and the flags
+# (`print(analysis)`: the text `lorasweep analyze` prints).
 
 # %%
-summary = results.summary()
-print(results.recommendation)
+analysis = results.analysis()
+analysis
+
+# %%
+summary = results.summary()  # the same table as a DataFrame, one row per configuration
 summary
+
+# %%
+rec = results.recommendation  # .found, .key, .label, .metric, .mean, .std, .n, .margin, .reason
+print(rec.found, rec.label, rec.key)
+rec  # a card; print(rec) gives the paragraph
 
 # %% [markdown]
 # ## Figures (matplotlib Figures: shown inline, or `fig.savefig(...)`)
+# A cell shows only its last value: one figure per cell, or several with `results.plots(...)`.
 
 # %%
 fig = results.plot_metric()
@@ -81,10 +92,8 @@ fig
 results.plot_time()
 
 # %%
-results.plot_loss_curves()
-
-# %%
-results.plot_pareto()
+figs = results.plots("loss_curves", "pareto")  # shown together, one under the other
+figs
 
 # %% [markdown]
 # ## The HTML report, and results read back later without training
@@ -95,6 +104,7 @@ again = Results(OUT)
 assert len(again.trials) == len(df)
 if __name__ == "__main__":  # as a script: print and save what a notebook would show
     print(df[["label", "status", "accuracy", "train_seconds"]].to_string(index=False))
-    print(results.format())
+    print(analysis)
     fig.savefig(OUT / "metric_vs_rank_notebook.png")
+    figs.save(OUT, prefix="notebook_")
     print(f"Report: {report}")

@@ -4,6 +4,7 @@ notebook-style example executed end to end on a tiny model."""
 from __future__ import annotations
 
 import inspect
+import json
 import runpy
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import yaml
 from matplotlib.figure import Figure
 
+from lorasweep.analysis.views import Analysis, Figures, Recommendation
 from lorasweep.api import Results, Sweep
 from lorasweep.spec import SpecError, SweepSpec
 
@@ -95,18 +97,110 @@ def test_analysis_and_recommendation_match_the_cli(results: Results) -> None:
     assert results.format() == format_analysis(a)
     assert results.analysis(metric="f1")["metric"] == "f1"
     rec = results.recommendation
+    assert isinstance(rec, Recommendation)
     summary = results.summary()
     assert summary["config"].tolist() == [group_label(g["key"]) for g in a["groups"]]
     assert summary["best"].sum() == 1
     # the same words as the CLI's paragraph (and the report's card)
-    assert rec == a["reason"] and rec in results.format()
+    assert str(rec) == rec.reason == a["reason"] and rec.reason in results.format()
+    assert rec == a.recommendation
     if a["recommended"]:
-        assert rec.startswith(f"Recommended {group_label(a['recommended']['key'])}: ")
+        assert rec.found and rec.label == group_label(a["recommended"]["key"])
+        assert rec.reason.startswith(f"Recommended {rec.label}: ")
         assert summary["recommended"].sum() == 1
     else:  # the tiny model may learn nothing in 3 steps: no recommendation, and it says so
-        assert rec.startswith("No recommendation")
+        assert not rec.found and rec.key is None
+        assert rec.reason.startswith("No recommendation")
         assert summary["recommended"].sum() == 0
     assert {"diff", "diff_bound", "within_margin", "eligible"} <= set(summary.columns)
+
+
+def _table(acc: dict[int, list[float]]) -> pd.DataFrame:
+    """Accuracy per rank and seed; a higher rank costs more seconds."""
+    return pd.DataFrame(
+        [
+            {"trial_id": f"r{r}s{s}", "status": "complete", "variant": "lora", "rank": r,
+             "seed": s, "task": "classification", "accuracy": a, "train_seconds": 100.0 + r}
+            for r, values in acc.items()
+            for s, a in enumerate(values)
+        ]
+    )  # fmt: skip
+
+
+def _analysis(acc: dict[int, list[float]], **kwargs) -> Analysis:
+    from lorasweep.analysis.stats import analyze
+
+    return Analysis(analyze(_table(acc), **kwargs))
+
+
+def test_a_recommendation_is_an_object_that_reads_as_its_reason() -> None:
+    # r=4 and r=8 within 0.001 on 4 seeds: the cheaper r=4 is recommended
+    a = _analysis({4: [0.850, 0.852, 0.849, 0.851], 8: [0.851, 0.852, 0.850, 0.853]})
+    rec = a.recommendation
+    assert rec.found and bool(rec) and rec.key == {"variant": "lora", "rank": 4}
+    assert rec.label == "lora r=4" and rec.metric == "accuracy" and rec.n == 4
+    assert rec.mean == pytest.approx(0.8505) and rec.std == pytest.approx(a["recommended"]["std"])
+    assert rec.margin == pytest.approx(0.01) and rec.reference == "lora r=8"
+    assert rec.cost == pytest.approx(104.0) and rec.cost_name == "train_seconds"
+    assert str(rec) == rec.reason == a["reason"] and f"{rec}" == rec.reason
+    assert rec.reason.startswith("Recommended lora r=4: ")
+    assert not rec.explanation.startswith("Recommended")  # the card's heading says it
+    assert repr(rec) == "Recommendation('lora r=4', accuracy=0.8505 ± 0.0013, n=4)"
+    card = rec._repr_html_()
+    assert "Recommended: lora r=4" in card and "0.8505 ± 0.0013 (n=4)" in card
+    assert rec.explanation[:60] in card and "Flags" in card  # the high-variance flag
+    md = rec._repr_markdown_()
+    assert md.startswith("**Recommended: lora r=4**") and "- margin: 0.01" in md
+    d = rec.to_dict()
+    assert json.loads(json.dumps(d)) == d and d["key"] == rec.key and d["found"] is True
+    assert d["best"]["label"] == "lora r=8" and isinstance(d["flags"], list)
+
+
+def test_no_recommendation_says_why() -> None:
+    # two noisy seeds: nothing is shown within one point, not even the best measured
+    rec = _analysis({4: [0.74, 0.79], 8: [0.78, 0.81]}).recommendation
+    assert not rec.found and not rec and rec.key is None and rec.label is None
+    assert rec.mean is None and rec.best["label"] == "lora r=8"
+    assert rec.reason.startswith("No recommendation: ") and rec.seeds_needed == 14
+    card = rec._repr_html_()
+    assert "No recommendation" in card and "about 14 per configuration" in card
+    assert "best measured" in card and "lora r=8" in card
+    assert repr(rec).startswith("Recommendation(None, reason='No recommendation: at this")
+    # an analysis that could not run, and a reason that does not say it
+    failed = Recommendation.none("no trials")
+    assert str(failed) == "No recommendation: no trials" and not failed
+    assert "No recommendation" in failed._repr_html_()
+    empty = Recommendation.from_analysis({"reason": "No complete trial has a finite accuracy."})
+    assert str(empty) == "No recommendation: No complete trial has a finite accuracy."
+
+
+def test_the_analysis_is_the_dict_and_shows_as_table_and_text() -> None:
+    from lorasweep.analysis.stats import analyze, format_analysis
+
+    acc = {4: [0.850, 0.852, 0.849, 0.851], 8: [0.851, 0.852, 0.850, 0.853],
+           16: [0.86, 0.85, 0.86, 0.85]}  # fmt: skip
+    raw = analyze(_table(acc))
+    a = Analysis(raw)
+    assert isinstance(a, dict) and a == raw and json.dumps(a) == json.dumps(raw)
+    rec = a.recommendation
+    assert rec.found and rec.key == a["recommended"]["key"]
+    assert repr(a) == str(a) == a.text() == format_analysis(raw)
+    page = a._repr_html_()
+    body = page.split("<tbody>")[1].split("</tbody>")[0]
+    assert body.count("<tr") == len(raw["groups"]) == 3
+    for label in ("lora r=4", "lora r=8", "lora r=16"):
+        assert f">{label}<" in body
+    assert "lorasweep-recommendation" in page and f"Recommended: {rec.label}" in page
+    # IPython's plain-text display is the text too
+    printed = []
+
+    class Printer:
+        def text(self, s: str) -> None:
+            printed.append(s)
+
+    a._repr_pretty_(Printer(), False)
+    assert printed == [format_analysis(raw)]
+    assert repr(Analysis({"not": "an analysis"})) == "{'not': 'an analysis'}"
 
 
 @pytest.mark.parametrize(
@@ -138,8 +232,27 @@ def test_report_and_html_summary(results: Results) -> None:
     assert path == results.out_dir / "report.html" and path.stat().st_size > 1000
     html = results._repr_html_()
     assert "<table" in html and "4 complete" in html
-    assert "lora r=2" in html or "lora/r=2" in html or "r=2" in html
-    assert "Recommendation" in html
+    assert ">lora r=2<" in html and ">lora r=4<" in html
+    assert "lorasweep-recommendation" in html  # the card, found or not
+    assert html.count(results.recommendation.explanation[:40].replace("'", "&#x27;")) == 1
+
+
+def test_plots_shows_several_figures_in_one_cell(results: Results, tmp_path: Path) -> None:
+    figs = results.plots()
+    assert isinstance(figs, Figures) and all(isinstance(f, Figure) for f in figs)
+    assert figs.names == ["metric", "time", "memory", "efficiency", "pareto", "loss_curves"]
+    assert "two factors" in figs.skipped["heatmap"]  # only the rank varies
+    page = figs._repr_html_()
+    assert page.count("<img") == 6 and "heatmap: " in page
+    two = results.plots("time", "memory")
+    assert two.names == ["time", "memory"] and not two.skipped
+    paths = two.save(tmp_path / "figs", prefix="x_")
+    assert [p.name for p in paths] == ["x_time.png", "x_memory.png"]
+    assert all(p.read_bytes().startswith(PNG) for p in paths)
+    with pytest.raises(ValueError, match="heatmap: needs two factors"):
+        results.plots("heatmap")  # named: its error, not a silent skip
+    with pytest.raises(ValueError, match="plots: unknown"):
+        results.plots("bogus")
 
 
 def _new_analyze() -> bool:
@@ -184,7 +297,7 @@ def test_the_specs_margin_is_the_default_of_analysis_and_report(
     assert seen[-1] == {"tolerance": 0.1}
     judged.summary(margin="1%")
     assert seen[-1] == {"margin": "1%"}
-    assert judged.recommendation and seen[-1] == {"margin": "2%"}
+    assert judged.recommendation.reason and seen[-1] == {"margin": "2%"}
     seen.clear()
     judged.report()
     assert seen and all(kw.get("margin") == "2%" for kw in seen)
@@ -231,6 +344,11 @@ def test_notebook_example_runs(
     assert (tmp_path / "nb" / "metric_vs_rank_notebook.png").read_bytes().startswith(PNG)
     assert (tmp_path / "nb" / "report.html").exists()
     assert isinstance(ns["summary"], pd.DataFrame) and not ns["summary"].empty
+    assert isinstance(ns["analysis"], Analysis) and isinstance(ns["rec"], Recommendation)
+    assert ns["rec"].reason == ns["analysis"]["reason"]
+    assert isinstance(ns["figs"], Figures) and ns["figs"].names == ["loss_curves", "pareto"]
+    for name in ("notebook_loss_curves.png", "notebook_pareto.png"):
+        assert (tmp_path / "nb" / name).read_bytes().startswith(PNG)
 
 
 def test_tune_and_select_on_in_the_api(

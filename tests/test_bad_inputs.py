@@ -256,7 +256,38 @@ CASES = [
         _set("lora.target_modules", ["q_proj"]),
         "lora.target_modules: LoRA target 'q_proj' matches no linear layer",
     ),
-    Case("unknown-top-key", _set("lora_r", 8), "lora_r: unknown key (value 8)"),
+    Case(
+        "unknown-top-key",
+        _set("lora_r", 8),
+        "lora_r: unknown key (value 8); did you mean grid.rank?",
+    ),
+    # -- other tools' names for a key: "did you mean" (axolotl, peft, transformers)
+    Case(
+        "peft-name-in-lora",
+        _set("lora.lora_r", 16),
+        "lora.lora_r: unknown key (value 16); did you mean lora.rank?",
+    ),
+    Case(
+        "load-in-4bit",
+        _set("load_in_4bit", True),
+        "load_in_4bit: unknown key (value True); did you mean lora.quantization: 4bit?",
+    ),
+    Case(
+        "grid-r",
+        _set("grid.r", [2, 4]),
+        "grid.r: unknown key (value [2, 4]); did you mean grid.rank?",
+    ),
+    Case(
+        "top-level-learning-rate",
+        _set("learning_rate", 0.001),
+        "learning_rate: unknown key (value 0.001); did you mean training.learning_rate?",
+    ),
+    Case(
+        "target-modules-all",
+        _set("lora.target_modules", "all"),
+        "lora.target_modules: 'all' is not a module name or a target group (attention, mlp, "
+        "all-linear); did you mean all-linear?",
+    ),
     Case("task-unknown", _set("task", "regression"), "task: Input should be 'classification'"),
     Case(
         "report-to-unknown",
@@ -433,7 +464,7 @@ CASES = [
     Case(
         "analyze-by-missing",
         None,
-        "by: 'lora_r' is not a column",
+        "by: 'lora_r' is not a column of the trials table (did you mean rank?); columns: ",
         argv=_cli("analyze", "{run}", "--by", "lora_r"),
         needs_run=True,
     ),
@@ -443,6 +474,13 @@ CASES = [
         "metric: 'bleu' is not a column",
         argv=_cli("analyze", "{run}", "--metric", "bleu"),
         needs_run=True,
+    ),
+    Case(
+        "analyze-table-without-configuration-column",
+        lambda e: (e.tmp / "t.csv").write_text("seed,accuracy\n0,0.7\n1,0.8\n"),
+        "by: no configuration column (rank, variant or a setting) in the table; columns: seed, "
+        "accuracy; name one with --by",
+        argv=_cli("analyze", "{tmp}/t.csv"),
     ),
     Case(
         "analyze-no-source",

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from lorasweep.analysis import plots
+from lorasweep.analysis import plot_text, plots
 
 GIB = 1024**3
 
@@ -94,7 +94,13 @@ def test_memory_data_prefers_gpu_and_falls_back_to_cpu(trials):
     assert cpu.attrs["column"] == "peak_cpu_rss_bytes"
     assert cpu[cpu["rank"] == 4]["mean"].iloc[0] == pytest.approx(1e9 / GIB)
     fig = plots.plot_memory_vs_rank(cpu)
-    assert "CPU RSS" in fig.axes[0].get_title(loc="left")
+    ax = fig.axes[0]
+    assert ax.get_title(loc="left") == "Peak CPU memory vs rank (no GPU measured)"
+    assert ax.get_ylabel() == "peak CPU memory (GiB)"
+    assert not [t for t in ax.texts if "GB GPU" in t.get_text()]  # no GPU sizes for CPU memory
+    gpu = plots.plot_memory_vs_rank(d, gpu_limits_gb=(4, 8)).axes[0]
+    assert gpu.get_ylabel() == "peak GPU memory (GiB)"
+    assert [t.get_text() for t in gpu.texts] == [" 4 GB GPU"]  # up to the first above the data
 
 
 def test_efficiency_per_training_hour(trials):
@@ -179,3 +185,84 @@ def test_render_all_writes_pngs(tmp_path, trials, curves):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     few = plots.render_all(trials[["rank", "seed", "accuracy"]], None, tmp_path / "few")
     assert set(few) == {"metric_vs_rank"}  # plots without data are skipped
+
+
+def test_axis_words_and_units():
+    assert plot_text.axis_label("train_seconds") == "training time (s)"
+    assert plot_text.axis_label("peak_cpu_rss_bytes") == "peak CPU memory (GiB)"
+    assert plot_text.axis_label("trainable_params") == "trainable parameters"
+    assert plot_text.axis_label("test_accuracy") == "test accuracy"
+    assert plot_text.quantity("eval_f1") == "eval F1"
+    assert plot_text.quantity("train_seconds") == "training time"
+
+
+def _texts(fig: Figure) -> list:
+    from matplotlib.text import Text
+
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+def test_plots_read_in_words_at_sizes_legible_on_a_phone(trials, curves):
+    """No raw column name in a title or on an axis, and no text below 9 pt: 600 px figures
+    shown about 370 px wide on a 400 px phone keep their smallest text near 8 px."""
+    figs = [
+        plots.plot_metric_vs_rank(plots.metric_vs_rank_data(trials, "accuracy"), "accuracy"),
+        plots.plot_time_vs_rank(plots.time_vs_rank_data(trials)),
+        plots.plot_memory_vs_rank(plots.memory_vs_rank_data(trials)),
+        plots.plot_efficiency(plots.efficiency_data(trials, "accuracy")),
+        plots.plot_pareto(plots.pareto_data(trials, "accuracy"), "accuracy"),
+        plots.plot_loss_curves(plots.loss_curves_data(trials, curves)),
+        plots.plot_memory_estimate(plots.memory_estimate_data(trials)),
+    ]
+    for fig in figs:
+        assert tuple(fig.get_size_inches()) == plot_text.FIG_SIZE and fig.dpi == plot_text.DPI
+        ax = fig.axes[0]
+        words = [ax.get_title(loc="left"), ax.get_xlabel(), ax.get_ylabel()]
+        assert not [w for w in words if "_" in w], words
+        small = [(t.get_text(), t.get_fontsize()) for t in _texts(fig) if t.get_fontsize() < 9]
+        assert not small, small
+    pareto = figs[4].axes[0]
+    assert pareto.get_xlabel() == "training time (s)" and pareto.get_ylabel() == "accuracy"
+    assert pareto.get_title(loc="left") == "Pareto front: accuracy vs training time"
+    assert figs[5].axes[0].get_ylabel() == "training loss"
+
+
+def _legend(fig: Figure) -> list[str]:
+    return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_pareto_legend_names_dominated_points_only_when_there_are_some(trials):
+    data = plots.pareto_data(trials, "accuracy")
+    assert not data["on_front"].all()  # r=4 is dominated
+    assert _legend(plots.plot_pareto(data, "accuracy")) == ["dominated", "Pareto front"]
+    front = data[data["on_front"]].reset_index(drop=True)
+    assert _legend(plots.plot_pareto(front, "accuracy")) == ["Pareto front"]
+
+
+def _boxes(fig: Figure, texts: list) -> list:
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    return [t.get_window_extent(renderer) for t in texts]
+
+
+def test_point_labels_do_not_overlap_and_stay_inside(trials):
+    """Estimated vs measured memory: configurations whose points (nearly) coincide still get
+    labels that do not overlap each other, or leave the axes."""
+    rows = [
+        {"variant": "lora", "rank": r, "estimated": 0.92 + d, "measured": 0.93 + d}
+        for r, d in ((4, 0.0), (8, 0.002), (16, 0.004), (32, 0.004), (64, 0.5))
+    ]
+    data = pd.DataFrame(rows)
+    data.attrs["column"] = "peak_cpu_rss_bytes"
+    fig = plots.plot_memory_estimate(data)
+    ax = fig.axes[0]
+    labels = [t for t in ax.texts if t.get_text().startswith("lora r=")]
+    assert sorted(t.get_text() for t in labels) == sorted(f"lora r={r}" for r in (4, 8, 16, 32, 64))
+    boxes = _boxes(fig, labels)
+    frame = ax.get_window_extent(fig.canvas.get_renderer())
+    for i, a in enumerate(boxes):
+        assert frame.x0 - 1 <= a.x0 and a.x1 <= frame.x1 + 1, labels[i].get_text()
+        assert frame.y0 - 1 <= a.y0 and a.y1 <= frame.y1 + 1, labels[i].get_text()
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (labels[i].get_text(), a, b)
+    assert ax.get_ylabel() == "measured peak CPU memory (GiB)"

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lorasweep.analysis import report, stats, units
+from lorasweep.analysis import report, report_sections, stats, units
 
 GIB = 1024**3
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,3 +188,146 @@ def test_report_renders_in_headless_chromium(built, tmp_path):
     assert im.std() > 20  # not a blank page
     colours = len(np.unique(im.reshape(-1, 3)[::7], axis=0))
     assert colours > 200  # text, tables and anti-aliased plots, not a flat colour
+
+
+# ----------------------------------------------------------------------------- phone to wide screen
+
+
+def tiny_adapters(root: Path) -> dict[str, Path]:
+    """Two LoRA adapters (r=4, r=8 on query/value of two layers) written with numpy alone."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for r in (4, 8):
+        d = root / f"r{r}"
+        d.mkdir(parents=True)
+        cfg = {"r": r, "lora_alpha": 2 * r, "peft_type": "LORA", "target_modules": ["query"]}
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        tensors = {}
+        for layer in range(2):
+            for m in ("query", "value"):
+                name = f"base_model.model.encoder.layer.{layer}.attention.self.{m}"
+                tensors[f"{name}.lora_A.weight"] = rng.normal(size=(r, 32)).astype(np.float32)
+                tensors[f"{name}.lora_B.weight"] = rng.normal(size=(32, r)).astype(np.float32)
+        save_file(tensors, str(d / "adapter_model.safetensors"))
+        out[f"lora/r={r}/seed=0"] = d
+    return out
+
+
+WIDE_TABLE = (
+    "<table><thead><tr>"
+    + "".join(f"<th>column {i}</th>" for i in range(30))
+    + "</tr></thead><tbody><tr>"
+    + "".join(f"<td>value_without_spaces_{i}</td>" for i in range(30))
+    + "</tr></tbody></table>"
+)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    """A report with every kind of table: the spectra section of two adapters, a wide table of
+    an extra section given without a scroll box, a long unbroken error, CPU memory only."""
+    trials, curves, meta = synthetic()
+    trials = trials.drop(columns="peak_gpu_allocated_bytes").assign(
+        peak_cpu_rss_bytes=[(1 + r / 64) * GIB for r in trials["rank"]]
+    )
+    trials.loc[trials["status"] == "oom", "error"] = "x" * 400 + " OutOfMemoryError"
+    root = tmp_path_factory.mktemp("wide")
+    sections = report.spectrum_sections(tiny_adapters(root / "adapters"), {}, trials)
+    sections.append({"title": "Wide", "html": WIDE_TABLE})
+    return report.build_report(
+        trials, curves, meta, root / "report", extra_sections=sections,
+        analysis_kwargs={"margin": MARGIN},
+    )  # fmt: skip
+
+
+def test_every_table_scrolls_in_its_own_box_and_sorts(built, wide):
+    for path in (built, wide):
+        html = path.read_text()
+        tables = html.count("<table")
+        assert tables >= 3
+        assert len(re.findall(r'<div class="table-wrap">\s*<table', html)) == tables
+        assert ".table-wrap { overflow-x: auto;" in html
+        # sortable by a click on a header: an inline script, nothing loaded from elsewhere
+        script = re.findall(r"<script>(.*?)</script>", html, re.S)
+        assert len(script) == 1 and "aria-sort" in script[0] and "addEventListener" in script[0]
+        assert "<script src" not in html and "<link" not in html
+        assert "img { max-width: 100%; height: auto; }" in html
+    # the all-metrics table sorts sizes by their value, not their text ("1.14 MiB" < "156 KiB")
+    assert 'data-sort="65536"' in wide.read_text()  # adapter_bytes of r=16: 4096 * 16
+
+
+def test_spectra_heading_once(wide):
+    html = wide.read_text()
+    headings = re.findall(r"<h[1-6][^>]*>([^<]*)</h", html)
+    assert [h for h in headings if "Adapter spectra" in h] == [
+        "Adapter spectra: the rank actually used"
+    ]
+    assert "lora/r=8/seed=0" in html and "No saved adapters" not in html
+    assert "<h2" not in report_sections.spectrum_section_html({})  # the report gives the heading
+
+
+def test_memory_caption_says_what_was_measured(built, wide):
+    def caption(path: Path) -> str:
+        pattern = r'id="plot-memory_vs_rank">.*?<figcaption>(.*?)</figcaption>'
+        return re.search(pattern, path.read_text(), re.S).group(1)
+
+    assert "dotted lines mark common GPU sizes" in caption(built)  # GPU memory measured
+    cpu = caption(wide)
+    assert "No GPU memory was measured" in cpu and "dotted lines" not in cpu
+    assert "Peak CPU memory" in cpu
+
+
+def _flags(html: str) -> str:
+    return html[html.index('id="flags"') : html.index('id="comparison"')]
+
+
+def test_no_flags_is_not_reassuring_when_intervals_are_wide(tmp_path):
+    """Two seeds per configuration: a 95% CI of the mean is mean ± 12.7·s/√2. No flag fires
+    (several seeds, none failed, the configurations far apart), but the line is amber."""
+    rows = [
+        {"trial_id": f"r{r}s{s}", "status": "complete", "variant": "lora", "rank": r,
+         "seed": s, "alpha_policy": "2*rank", "task": "classification", "accuracy": a + d,
+         "train_seconds": 60.0 + r}
+        for r, a in ((4, 0.60), (16, 0.81), (64, 0.70))
+        for s, d in ((0, -0.022), (1, 0.022))
+    ]  # fmt: skip
+    trials = pd.DataFrame(rows)
+    analysis = stats.analyze(trials)
+    assert not analysis["flags"]
+    g = analysis["groups"][0]  # every configuration has the same spread: the first is named
+    lo, hi = g["ci95"]
+    assert hi - lo == pytest.approx(2 * 12.706 * 0.044 / 2**0.5 / 2**0.5, rel=1e-3)
+    flags = _flags(report.build_report(trials, None, {}, tmp_path).read_text())
+    assert '<p class="warn">No flags were raised, but the intervals are wide' in flags
+    ci = f"[{units.fmt_num(lo)}, {units.fmt_num(hi)}]"
+    assert f"{stats.group_label(g['key'])} (2 seeds) is {ci}, ± 0.28" in " ".join(flags.split())
+    assert "more than twice the 0.01 margin" in flags
+    assert 'class="ok"' not in flags  # never green
+    # narrow intervals: a plain, neutral line
+    calm = trials.assign(accuracy=[0.6, 0.601, 0.81, 0.811, 0.7, 0.701])
+    flags = _flags(report.build_report(calm, None, {}, tmp_path / "calm").read_text())
+    assert '<p class="neutral">No flags:' in flags and "wide" not in flags
+
+
+def _check_widths():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shot", ROOT / "scripts" / "screenshot_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if mod.find_chromium() is None:
+        pytest.skip("chromium not installed")
+    return mod.check_widths
+
+
+def test_report_fits_a_wide_screen_and_a_phone(wide):
+    """Rendered in headless Chromium at 1400 and 400 CSS px: nothing makes the page scroll
+    sideways (document.documentElement.scrollWidth within the viewport); the wide tables scroll
+    in their own boxes."""
+    res = _check_widths()(wide, (1400, 400))
+    for width, r in res.items():
+        assert r["scroll"] <= r["client"] <= width, (width, r)
+        assert not r["offenders"] and not r["unwrapped"], (width, r)
+        assert r["tables"] >= 4

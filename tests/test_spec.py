@@ -159,7 +159,7 @@ def test_analysis_margin_bad_value_is_one_line_naming_key_and_value(bad):
 
 def test_analysis_unknown_key_and_errors_alongside_others():
     errs = errors_of({**DEMO, "analysis": {"margn": 0.01}})
-    assert errs == ["analysis.margn: unknown key (value 0.01)"]
+    assert errs == ["analysis.margn: unknown key (value 0.01); did you mean analysis.margin?"]
     errs = errors_of({**DEMO, "seeds": [], "analysis": {"margin": "x"}})
     assert len(errs) == 2 and any(e.startswith("analysis.margin: 'x'") for e in errs)
 

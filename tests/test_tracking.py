@@ -4,10 +4,14 @@ network."""
 
 from __future__ import annotations
 
+import json
 import os
+import struct
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,8 +31,9 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> Non
 
 
 @pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No tracker variables from the outside; MLflow in a file store under tmp_path."""
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """No tracker variables from the outside; MLflow in a file store under tmp_path. W&B is
+    torn down after the test: its process-wide settings (WANDB_DIR, silence) are read once."""
     for key in (
         "MLFLOW_EXPERIMENT_NAME",
         "MLFLOW_RUN_ID",
@@ -43,7 +48,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    return tmp_path
+    yield tmp_path
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
 
 
 def _mlflow_runs(tmp_path: Path, experiment: str) -> list:
@@ -61,6 +68,56 @@ def _tb_scalars(log_dir: Path) -> dict[str, list[float]]:
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _tb_hparams(log_dir: Path) -> tuple[dict[str, Any], int]:
+    """The HParams session of a TensorBoard run: its parameters and its end status."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    params = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    return params, end.status
+
+
+def _wandb_records(path: Path) -> Iterator[Any]:
+    """The records of an offline W&B run file (``run-<id>.wandb``): a 7-byte header (``:W&B``),
+    then LevelDB-log chunks in 32 KiB blocks: crc32, length, type (1 full, 2 first, 3 middle,
+    4 last), each a piece of a serialized ``Record``. W&B has no Python reader for it."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if left < 7 or (kind == 0 and n == 0):  # the block's padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + n], pos + 7 + n
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            yield record
+
+
+def _wandb_config(path: Path) -> dict[str, Any]:
+    """The top-level config of an offline W&B run, as the run's records set it."""
+    config: dict[str, Any] = {}
+    for r in _wandb_records(path):
+        kind = r.WhichOneof("record_type")
+        updates = (
+            r.config.update if kind == "config" else r.run.config.update if kind == "run" else []
+        )
+        for item in updates:
+            config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return config
 
 
 # ----------------------------------------------------------------------------- units
@@ -95,6 +152,69 @@ def test_configure_groups_per_sweep_and_keeps_user_values(
     assert os.environ["WANDB_PROJECT"] == "mine"
 
 
+def test_configure_silences_wandb_unless_the_user_chose(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W&B reads the environment once per process: the settings go to its set-up too, so a
+    second sweep in the same process gets its own group, and the banner stays off."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_SILENT")
+    tracking.configure(["wandb"], sweep="s1", run_name="s1/lora/r=8/seed=0")
+    assert wandb.setup().settings.silent is True
+    tracking.configure(["wandb"], sweep="s2", run_name="s2/lora/r=8/seed=0")
+    assert wandb.setup().settings.run_group == "s2"
+    wandb.teardown()
+    monkeypatch.setenv("WANDB_SILENT", "false")  # the user's choice is kept
+    tracking.configure(["wandb"], sweep="s3", run_name="s3/lora/r=8/seed=0")
+    assert wandb.setup().settings.silent is False
+
+
+def test_trial_params_name_the_configuration() -> None:
+    from lorasweep.plan import plan
+    from lorasweep.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "name": "p",
+            "task": "classification",
+            "model": "builtin:minilm-l6",
+            "dataset": {"source": "builtin:rotten-tomatoes"},
+            "training": {"max_steps": 10, "learning_rate": 2e-3},
+            "lora": {"target_modules": ["query", "value"], "alpha": "2*rank"},
+            "grid": {"rank": [4], "dropout": [0.0, 0.1]},
+            "seeds": [3],
+            "variants": {
+                "lora": {},
+                "ada": {"method": "adalora", "init_r": 12, "target_r": 8},
+                "pat": {"rank_pattern": {"attention": 6, "mlp": 10}},
+                "q": {"quantization": "4bit", "alpha": 16},
+            },
+        }
+    )
+    trials = {t.label: t for t in plan(spec)}
+    params = {label: tracking.trial_params(t, "p") for label, t in trials.items()}
+    assert params["lora/r=4/dropout=0.1/seed=3"] == {
+        "dropout": 0.1,  # the grid's setting
+        "rank": 4,
+        "alpha": 8.0,
+        "alpha_policy": "2*rank",
+        "scale": 2.0,
+        "method": "lora",
+        "variant": "lora",
+        "learning_rate": 2e-3,
+        "seed": 3,
+        "sweep": "p",
+        "trial_id": trials["lora/r=4/dropout=0.1/seed=3"].id,
+        "target_modules": "query,value",
+    }
+    assert params["ada/r=8/dropout=0/seed=3"]["rank"] == 8  # AdaLoRA's target rank
+    assert params["ada/r=8/dropout=0/seed=3"]["method"] == "adalora"
+    assert params["pat/r=-/dropout=0/seed=3"]["rank"] == "-"
+    assert params["q/r=4/dropout=0/seed=3"]["quantization"] == "4bit"
+    assert params["q/r=4/dropout=0/seed=3"]["alpha_policy"] == "fixed:16"
+    assert "quantization" not in params["lora/r=4/dropout=0/seed=3"]
+
+
 def test_check_tracking_names_the_problem(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert tracking.check_tracking(["none"]) == []
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
@@ -114,12 +234,15 @@ def test_log_final_metrics_mlflow(clean_env: Path) -> None:
     tracking.configure(["mlflow"], sweep="unit", run_name="unit/lora/r=2/seed=0")
     with mlflow.start_run(run_name="unit/lora/r=2/seed=0"):
         mlflow.log_metric("loss", 0.7, step=1)
+        # as the Trainer's MLflowCallback does (asynchronously); MLflow params are immutable
+        mlflow.log_params({"learning_rate": 0.001, "seed": 0}, synchronous=False)
     done = tracking.log_final_metrics(
         ["mlflow"],
         "unit/lora/r=2/seed=0",
         {"accuracy": 0.75, "f1": 0.7, "train_steps": 4.0, "bad": float("nan"), "note": "x"},
         status="complete",
         tags={"lorasweep.trial_id": "abc"},
+        params={"rank": 2, "variant": "lora", "learning_rate": 0.002, "seed": 0},
     )
     assert done == ["mlflow"]
     (run,) = _mlflow_runs(clean_env, "unit")
@@ -129,6 +252,13 @@ def test_log_final_metrics_mlflow(clean_env: Path) -> None:
     assert run.data.tags["lorasweep.status"] == "complete"
     assert run.data.tags["lorasweep.trial_id"] == "abc"
     assert mlflow.active_run() is None
+    assert run.data.params == {
+        "rank": "2",
+        "variant": "lora",
+        "seed": "0",  # the Trainer's, the same value: not logged twice
+        "learning_rate": "0.001",  # the Trainer's, kept ...
+        "lorasweep.learning_rate": "0.002",  # ... and lorasweep's other value beside it
+    }
 
 
 def test_log_final_metrics_closes_a_run_left_open_by_a_failed_trial(clean_env: Path) -> None:
@@ -152,19 +282,32 @@ def test_log_final_metrics_tensorboard(clean_env: Path) -> None:
         ["tensorboard"],
         "unit/lora/r=2/seed=1",
         {"accuracy": 0.5, "train_steps": 3},
+        status="failed",
+        params={"rank": 2, "variant": "lora", "quantization": None, "use_dora": False},
         tensorboard_root=root,
     )
     assert done == ["tensorboard"]
-    scalars = _tb_scalars(root / "unit" / "lora" / "r=2" / "seed=1")
-    assert scalars["final/accuracy"] == [0.5]
+    from tensorboard.plugins.hparams import api_pb2
+
+    run = root / "unit" / "lora" / "r=2" / "seed=1"
+    assert _tb_scalars(run)["final/accuracy"] == [0.5]
+    # one HParams session per run folder, beside the final scalars it is compared on
+    params, status = _tb_hparams(run)
+    assert params == {"rank": 2.0, "variant": "lora", "quantization": "-", "use_dora": False}
+    assert status == api_pb2.STATUS_FAILURE
 
 
 def test_log_final_metrics_wandb_offline(clean_env: Path) -> None:
     wandb = pytest.importorskip("wandb")
     run = wandb.init(project="lorasweep", name="unit/lora/r=2/seed=0", group="unit")
     run.log({"loss": 0.9})
+    run.config.update({"peft_config": {"default": {"r": 2}}})  # the Trainer's: rank nested
     done = tracking.log_final_metrics(
-        ["wandb"], "unit/lora/r=2/seed=0", {"accuracy": 0.625}, status="complete"
+        ["wandb"],
+        "unit/lora/r=2/seed=0",
+        {"accuracy": 0.625},
+        status="complete",
+        params={"rank": 2, "variant": "lora"},
     )
     assert done == ["wandb"]
     assert wandb.run is None  # finished: the next in-process trial gets a run of its own
@@ -180,7 +323,10 @@ def test_log_final_metrics_wandb_offline(clean_env: Path) -> None:
         return any(b"final/accuracy" in f.read_bytes() for f in clean_env.glob(pattern))
 
     wait_for(logged, f"final/accuracy in {clean_env / pattern}")
-    assert len(list(clean_env.glob(pattern))) == 1  # one run, one file
+    (path,) = clean_env.glob(pattern)  # one run, one file
+    config = _wandb_config(path)
+    assert config["rank"] == 2 and config["variant"] == "lora"  # top level, beside the Trainer's
+    assert config["peft_config"] == {"default": {"r": 2}}
 
 
 def test_a_tracker_error_never_raises(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,14 +341,22 @@ def test_a_tracker_error_never_raises(clean_env: Path, monkeypatch: pytest.Monke
 # ----------------------------------------------------------------------------- a real sweep
 
 
-def test_sweep_logs_one_run_per_trial_to_mlflow_and_tensorboard(
-    clean_env: Path, tiny_bert_dir: Path, tiny_csv: Path
+def test_sweep_logs_one_run_per_trial_to_each_tracker(
+    clean_env: Path,
+    tiny_bert_dir: Path,
+    tiny_csv: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """2 trials (ranks 2 and 4, one seed, 3 steps) in process, reported to MLflow and
-    TensorBoard: one MLflow run per trial named <sweep>/<variant>/r=<r>/seed=<s> in the sweep's
-    experiment, with the Trainer's training loss and lorasweep's final metrics."""
+    """2 trials (rank 2, learning rates 1e-3 and 2e-3, one seed, 3 steps) in process, reported
+    to MLflow, TensorBoard and W&B (offline): one run per trial named
+    <sweep>/<variant>/r=<r>/<setting>/seed=<s>, with the Trainer's training loss, lorasweep's
+    final metrics and the trial's configuration (MLflow params, TensorBoard hparams, W&B
+    config), and not a line of W&B's on the terminal."""
     pytest.importorskip("mlflow")
     pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_SILENT")  # lorasweep silences W&B itself
     from lorasweep.run.sweep import run_sweep
     from lorasweep.store import open_store
     from lorasweep.training import trial as trial_mod
@@ -216,7 +370,7 @@ def test_sweep_logs_one_run_per_trial_to_mlflow_and_tensorboard(
         "lora": {"target_modules": ["query", "value"], "alpha": "2*rank", "dropout": 0.0},
         "grid": {"rank": [2], "learning_rate": [1e-3, 2e-3]},
         "seeds": [0],
-        "report_to": ["mlflow", "tensorboard"],
+        "report_to": ["mlflow", "tensorboard", "wandb"],
     }
     out = clean_env / "run"
     outcome = run_sweep(spec, out, backend="inprocess", quiet=True, report=False)
@@ -251,3 +405,51 @@ def test_sweep_logs_one_run_per_trial_to_mlflow_and_tensorboard(
         scalars = _tb_scalars(out / "tensorboard" / name)
         assert "train/loss" in scalars
         assert scalars["final/accuracy"] == [pytest.approx(acc)]
+        # ... with an HParams session in the same folder, so the dashboard compares ranks
+        params, _ = _tb_hparams(out / "tensorboard" / name)
+        assert params["rank"] == 2 and params["learning_rate"] == pytest.approx(lr)
+        assert params["trial_id"] == trials[name]["id"] and params["alpha_policy"] == "2*rank"
+
+    # MLflow: the configuration as params, so runs filter by rank and by the grid's settings
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"file:{clean_env / 'mlruns'}")
+    exp = client.get_experiment_by_name("tracked")
+    (run,) = client.search_runs(
+        [exp.experiment_id], filter_string="params.rank = '2' and params.learning_rate = '0.002'"
+    )
+    name = "tracked/lora/r=2/lr=0.002/seed=0"
+    assert run.info.run_name == name
+    assert {k: run.data.params.get(k) for k in ("variant", "alpha_policy", "alpha", "seed")} == {
+        "variant": "lora",
+        "alpha_policy": "2*rank",
+        "alpha": "4.0",
+        "seed": "0",
+    }
+    assert run.data.params["trial_id"] == trials[name]["id"]
+    assert run.data.params["sweep"] == "tracked"
+    assert run.data.params["target_modules"] == "query,value"
+    assert not [k for k in run.data.params if k.startswith("lorasweep.")]  # no clash
+    assert "per_device_train_batch_size" in run.data.params  # the Trainer's, still there
+    assert len(client.search_runs([exp.experiment_id], filter_string="params.rank = '2'")) == 2
+
+    # W&B (offline): one run file per trial, the configuration at the top level of its config
+    wandb = sys.modules["wandb"]
+    wandb.teardown()  # waits for the service's writers (see test_log_final_metrics_wandb_offline)
+    pattern = "wandb/offline-run-*/run-*.wandb"
+    wait_for(lambda: len(list(clean_env.glob(pattern))) == 2, f"2 runs in {pattern}")
+
+    def configs() -> dict[str, dict[str, Any]]:
+        found = (_wandb_config(f) for f in clean_env.glob(pattern))
+        return {c["trial_id"]: c for c in found if "trial_id" in c}
+
+    wait_for(lambda: len(configs()) == 2, "the trial config in both W&B runs")
+    for name, t in trials.items():
+        config = configs()[t["id"]]
+        assert config["rank"] == 2 and config["variant"] == "lora" and config["seed"] == 0
+        assert config["learning_rate"] == t["config"]["training"]["learning_rate"]
+
+    # the terminal: no W&B banner or run summary after a trial
+    captured = capfd.readouterr()
+    lines = (captured.out + captured.err).splitlines()
+    assert not [line for line in lines if line.startswith("wandb:")]

@@ -7,9 +7,11 @@
     sweep = Sweep.from_spec("sweep.yaml")        # a path, YAML text or a dict
     results = sweep.run("runs/demo", jobs=1)      # resumable, like `lorasweep run`
     results.trials                                # pandas DataFrame, one row per trial
-    results.analysis()                            # dict from lorasweep.analysis.stats.analyze
-    print(results.recommendation)                 # one line: the configuration and why
+    results.analysis()                            # stats.analyze's dict; shows as a table
+    results.recommendation                        # Recommendation: .label, .key, .mean, .reason
+    print(results.recommendation)                 # one paragraph: the configuration and why
     results.plot_metric()                         # matplotlib Figure, shown inline in Jupyter
+    results.plots()                               # every figure, shown together in one cell
     results.report()                              # Path of report.html
 
     Results("runs/demo")                          # an existing run folder, no training
@@ -31,6 +33,7 @@ if TYPE_CHECKING:  # heavy imports stay out of `import lorasweep.api`
     import pandas as pd
     from matplotlib.figure import Figure
 
+    from lorasweep.analysis.views import Analysis, Figures, Recommendation
     from lorasweep.run.sweep import SweepOutcome
     from lorasweep.spec import SweepSpec
 
@@ -59,6 +62,7 @@ class Sweep:
 
     def check(self) -> Sweep:
         """Check the spec against the world (data file, columns, targets); SpecError if bad."""
+        import lorasweep.run.progress  # noqa: F401 - first, so a kernel's tqdm.auto stays quiet
         from lorasweep.run.preflight import check_spec
 
         check_spec(self.spec)
@@ -202,10 +206,12 @@ class Results:
         tune: str | list[str] | None = None,
         select_on: str | None = None,
         **kwargs: Any,
-    ) -> dict[str, Any]:
+    ) -> Analysis:
         """``stats.analyze`` of the trials; keyword arguments as there (metric, direction, by,
         cost, margin, memory_budget_gb, alpha; tolerance is a deprecated alias of an absolute
-        margin).
+        margin). The dict ``analyze`` returns, as an ``Analysis`` (a dict) that shows itself:
+        in Jupyter the comparison table, the recommendation card and the flags, as text
+        (``print``, ``repr``) the table ``lorasweep analyze`` prints.
 
         ``margin``: how much worse than the best a cheaper configuration may be and still be
         recommended, a number in the metric's units (``0.01``) or a percentage of the best mean
@@ -220,12 +226,13 @@ class Results:
         means) and ``interaction`` (a sentence, or None).
         """
         from lorasweep.analysis.stats import analyze
+        from lorasweep.analysis.views import Analysis
         from lorasweep.spec import analysis_kwargs
 
         with self._store() as store:
             trials, recorded = store.trials_frame(), store.meta().get("spec")
         given = {**kwargs, "tune": tune, "select_on": select_on}
-        return analyze(trials, **analysis_kwargs(recorded, given))
+        return Analysis(analyze(trials, **analysis_kwargs(recorded, given)))
 
     def summary(self, **kwargs: Any) -> pd.DataFrame:
         """One row per configuration: n, mean, std, 95% CI, adjusted p-value and cost of the
@@ -268,18 +275,18 @@ class Results:
         return df
 
     @property
-    def recommendation(self) -> str:
-        """The recommendation and its reasons, as one paragraph: the same words as the CLI's
-        ``Recommendation`` paragraph and the report's card (``"Recommended lora r=8: ..."`` or
-        ``"No recommendation: ..."``)."""
+    def recommendation(self) -> Recommendation:
+        """The recommended configuration and why, with the spec's analysis settings: ``.found``,
+        ``.key``, ``.label``, ``.metric``, ``.mean``, ``.std``, ``.n``, ``.margin``, ``.reason``.
+        ``print()`` gives the paragraph of the CLI and the report's card (``"Recommended lora
+        r=8: ..."`` or ``"No recommendation: ..."``); Jupyter shows a card. For other settings:
+        ``results.analysis(margin=...).recommendation``."""
+        from lorasweep.analysis.views import Recommendation
+
         try:
-            result = self.analysis()
+            return self.analysis().recommendation
         except ValueError as e:
-            return f"No recommendation: {e}"
-        reason = result["reason"]
-        if result.get("recommended") or reason.startswith("No recommendation"):
-            return reason
-        return f"No recommendation: {reason}"
+            return Recommendation.none(str(e))
 
     def format(self, **kwargs: Any) -> str:
         """The plain-text analysis the CLI prints (``stats.format_analysis``)."""
@@ -355,6 +362,28 @@ class Results:
         data = plots.loss_curves_data(self.trials, self.curves, curve)
         return _inline(plots.plot_loss_curves(data, curve))
 
+    def plots(self, *names: str) -> Figures:
+        """Several figures shown together in one notebook cell (a cell shows only its last
+        value): by default every one that can be drawn, in the order below; or the ones
+        named (``"metric", "time", "memory", "efficiency", "pareto", "heatmap",
+        "loss_curves"``: the ``plot_*`` methods, with their defaults). A list of Figures;
+        ``.skipped`` says which of the defaults could not be drawn and why."""
+        from lorasweep.analysis.views import Figures
+
+        known = ("metric", "time", "memory", "efficiency", "pareto", "heatmap", "loss_curves")
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"plots: unknown {unknown}; choose from {list(known)}")
+        drawn, skipped = [], {}
+        for name in names or known:
+            try:
+                drawn.append((name, getattr(self, f"plot_{name}")()))
+            except ValueError as e:
+                if names:
+                    raise
+                skipped[name] = str(e)
+        return Figures(drawn, skipped)
+
     # -- report
     def report(self, **kwargs: Any) -> Path:
         """(Re)write ``out_dir/report.html`` and return its path; keyword arguments go to
@@ -376,19 +405,9 @@ class Results:
         where = html.escape(str(self.out_dir))
         head = f"<p><b>lorasweep results {name}</b> ({where}): {status}</p>"
         try:
-            table = self.summary()
+            return head + self.analysis()._repr_html_()
         except ValueError as e:
             return head + f"<p>No analysis: {html.escape(str(e))}</p>"
-        if table.empty:
-            return head + f"<p>{html.escape(self.recommendation)}</p>"
-        shown = table[["config", "n", "mean", "std", "ci_lo", "ci_hi", "p_adjusted", "cost"]]
-        metric = html.escape(f"{table.attrs['metric']} ({table.attrs['direction']} is better)")
-        return (
-            head
-            + f"<p>{metric}</p>"
-            + shown.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-")
-            + f"<p><b>Recommendation</b>: {html.escape(self.recommendation)}</p>"
-        )
 
     def __repr__(self) -> str:
         return f"Results({str(self.out_dir)!r})"

@@ -1,8 +1,10 @@
-"""Command line: one function per subcommand, each a thin call into the public API.
+"""Command line: one function per subcommand, each a thin call into the public API (those
+that read a run folder as it is: ``cli_status``; those that need no sweep: ``cli_tools``).
 
 A user error prints one line per problem (``lorasweep: error: ...``) and exits 2; ``--debug``
-shows the traceback instead. Heavy imports (torch, transformers) happen only in the commands
-that train or build models.
+shows the traceback instead. A reader that goes away (``lorasweep status DIR | head -1``) ends
+the command quietly, exit 141 as after SIGPIPE. Heavy imports (torch, transformers) happen only
+in the commands that train or build models.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lorasweep.records import HEADLINE_METRICS, TrialStatus, paused_of
+from lorasweep.cli_args import UserError
+from lorasweep.cli_status import cmd_export, cmd_status
+from lorasweep.cli_tools import cmd_estimate, cmd_init, cmd_spectrum
+from lorasweep.records import TrialStatus
+
+__all__ = ["EXIT_USAGE", "EXIT_WORLD", "UserError", "main"]
 
 EXIT_USAGE = 2  # bad input: a spec key, an option, a column
 EXIT_WORLD = 1  # a fault of the world: disk, permissions, a corrupt store
+EXIT_PIPE = 141  # the reader went away: 128 + SIGPIPE, as a shell reports `cat | head`
 PRUNE_OPTIONS = ("eta", "min_steps", "alpha", "metric", "tolerance", "eval_examples")
-
-
-class UserError(Exception):
-    """Printed as one line per problem, exit code 2."""
 
 
 def _demo_spec_path() -> Path:
@@ -110,72 +114,6 @@ def _print_outcome(outcome: Any) -> None:
         print(f"Report: {outcome.report}")
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from lorasweep.records import settings_of, varying_settings
-    from lorasweep.store import open_store
-
-    with open_store(args.dir) as store:
-        trials = store.trials()
-    columns = varying_settings([t["config"] for t in trials])  # one per setting that varies
-    rows = []
-    for t in trials:
-        flat = settings_of(t["config"])
-        row = {"id": t["id"], "status": t["status"], "seed": t["seed"], "rank": t["rank"],
-               "variant": t["variant"]}  # fmt: skip
-        row.update({c: flat.get(k) for k, c in columns.items() if c not in row})
-        row.update(metrics=t["metrics"], error=t["error"], paused=paused_of(t["artifacts"]))
-        rows.append(row)
-    if args.json:
-        print(json.dumps({"trials": rows}, indent=2))
-        return 0
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    print(f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    extra = [c for c in columns.values() if c not in ("variant", "rank", "seed")]
-    widths = {c: max([len(c), *(len(_cell(r.get(c))) for r in rows)]) for c in extra}
-    head = "".join(f" {c:>{widths[c]}}" for c in extra)
-    print(f"{'id':12}  {'status':9} {'variant':12} {'rank':>5}{head} {'seed':>4}  metric")
-    for r in rows:
-        m = r["metrics"]
-        shown = " ".join(f"{k}={m[k]:.4g}" for k in HEADLINE_METRICS if m.get(k) is not None)
-        if TrialStatus(r["status"]).is_active and r["paused"]:
-            shown = f"paused at step {r['paused']['step']}: {shown}"
-        if r["error"]:
-            shown += " " + r["error"].splitlines()[-1][:80]
-        rank = "-" if r["rank"] is None else r["rank"]
-        cells = "".join(f" {_cell(r.get(c)):>{widths[c]}}" for c in extra)
-        print(
-            f"{r['id']:12}  {r['status']:9} {r['variant']:12} {rank:>5}{cells} {r['seed']:>4}"
-            f"  {shown}"
-        )
-    return 0
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from lorasweep.analysis.report import export_trials
-    from lorasweep.store import open_store
-
-    with open_store(args.dir) as store:
-        df = store.trials_frame()
-    if args.output:
-        export_trials(df, Path(args.output), fmt=args.format)
-        print(f"wrote {len(df)} trials to {args.output}")
-    elif args.format == "csv":
-        sys.stdout.write(df.to_csv(index=False))
-    else:
-        sys.stdout.write(df.to_json(orient="records", indent=2) + "\n")
-    return 0
-
-
 def _margin_option(args: argparse.Namespace) -> str | None:
     """``--margin`` checked before anything loads: one line naming it and the value."""
     from lorasweep.analysis.decision import parse_margin
@@ -254,109 +192,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_estimate(args: argparse.Namespace) -> int:
-    from lorasweep.analysis.tool_plots import plot_estimate
-    from lorasweep.tools.estimate import estimate
-
-    ranks = _positive_ints("--ranks", args.ranks)
-    for flag, v in (("--batch", args.batch), ("--seq", args.seq)):
-        if v < 1:
-            raise UserError(f"{flag}: must be a positive integer, got {v}")
-    targets: Any = args.targets
-    if targets and targets not in ("attention", "mlp", "all-linear", "default"):
-        targets = [t for t in targets.split(",") if t]
-    result = estimate(
-        args.model,
-        ranks=ranks,
-        targets=targets or "default",
-        variant=args.variant,
-        batch=args.batch,
-        seq=args.seq,
-        dtype=args.dtype,
-        optimizer=args.optimizer,
-        gradient_checkpointing=args.gradient_checkpointing,
-        task=args.task,
-    )
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
-    if args.plot:
-        plot_estimate(result, args.plot)
-        if not args.json:
-            print(f"Plot: {args.plot}")
-    return 0
-
-
-def _positive_ints(flag: str, text: str) -> list[int]:
-    """``8,16,32`` -> [8, 16, 32]; one line naming the option and the bad item otherwise."""
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    bad = next((x for x in items if not x.isdigit() or int(x) < 1), None)
-    if bad is not None or not items:
-        raise UserError(f"{flag}: {bad!r} is not a positive integer (got {text!r})" if bad
-                        else f"{flag}: needs at least one value (got {text!r})")  # fmt: skip
-    return [int(x) for x in items]
-
-
-def cmd_spectrum(args: argparse.Namespace) -> int:
-    from lorasweep.tools import spectrum
-
-    if not 0 < args.energy <= 1:
-        raise UserError(f"--energy: must be in (0, 1], got {args.energy}")
-    if args.verify and not Path(args.verify).is_dir():
-        raise UserError(f"--verify: not a run folder: {args.verify}")
-    out = spectrum.analyze_adapter(args.adapter, other=args.other, energy=args.energy, by=args.by)
-    if args.plot:
-        spectra = [out]
-        if args.other:
-            spectra.append(spectrum.adapter_spectrum(args.other))
-        from lorasweep.analysis.tool_plots import plot_spectra
-
-        plot_spectra(spectra, args.plot)
-    if args.verify:
-        import contextlib
-
-        from lorasweep.tools.spectrum_verify import format_verify, verify_suggestion
-
-        # --json: stdout carries the JSON alone; anything training prints goes to stderr
-        quiet_out = (
-            contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
-        )
-        with quiet_out:
-            out["verify"] = verify_suggestion(
-                args.verify,
-                args.adapter,
-                energy=args.energy,
-                by=args.by,
-                run=not args.no_run,
-                backend=args.backend,
-                quiet=args.quiet,
-            )
-    if args.json:
-        print(json.dumps(out, indent=2, default=float))
-        return 0
-    print(spectrum.format_spectrum(out))
-    if args.plot:
-        print(f"Plot: {args.plot}")
-    if args.verify:
-        print()
-        print(format_verify(out["verify"]))
-    return 0
-
-
-def cmd_init(args: argparse.Namespace) -> int:
-    from lorasweep.tools.starter import starter_spec
-
-    text = starter_spec(args.model, args.task)
-    if args.output == "-":
-        sys.stdout.write(text)
-        return 0
-    path = Path(args.output)
-    if path.exists() and not args.force:
-        raise UserError(f"--output: {path} exists (use --force to overwrite)")
-    path.write_text(text)
-    print(f"wrote {path}")
-    return 0
-
-
-COMMANDS = {
+COMMANDS = {  # status, export: cli_status; estimate, spectrum, init: cli_tools
     "run": cmd_run,
     "demo": cmd_demo,
     "status": cmd_status,
@@ -370,15 +206,24 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``lorasweep`` command: the exit status (0 ok, 1 the world, 2 the input, 141 the
+    reader of stdout went away)."""
     from lorasweep.cli_args import build_parser
 
-    args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:  # --help, --version, a usage error: argparse has printed
+            sys.stdout.flush()
+            raise
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        return code
     except BrokenPipeError:
-        # the reader went away (`lorasweep status DIR | head`): stop quietly, as `cat` does
+        # the reader went away (`lorasweep status DIR | head -1`): stop quietly, as `cat` does
+        # (the Python docs' recipe: stdout to /dev/null, so the final flush cannot fail)
         _silence_stdout()
-        return 141
+        return EXIT_PIPE
 
 
 def _dispatch(args: argparse.Namespace) -> int:

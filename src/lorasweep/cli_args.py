@@ -1,9 +1,26 @@
-"""The command line's options: one function per subcommand, each option with its help."""
+"""The command line's options: one function per subcommand, each option with its help and
+its default; ``UserError``, the one-line error of a bad option or input."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
+
+
+class UserError(Exception):
+    """Printed as one line per problem, exit code 2."""
+
+
+def package_version() -> str:
+    """The installed package's version (``importlib.metadata``), else the source's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lorasweep")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree
+        from lorasweep import __version__
+
+        return __version__
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -13,9 +30,19 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         default="local",
         help="where trials run (default: local, a fresh process per trial)",
     )
-    p.add_argument("--jobs", type=int, default=1, help="trials at once (one GPU each)")
-    p.add_argument("--retry", default="", help="re-run trials with these statuses: failed,oom")
-    p.add_argument("--address", default=None, help="Ray cluster address (auto or HOST:PORT)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="trials at once, one GPU each (default: %(default)s)"
+    )
+    p.add_argument(
+        "--retry",
+        default="",
+        help="re-run trials with these statuses, e.g. failed,oom (default: none)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address: auto or HOST:PORT (default: a local Ray)",
+    )
     p.add_argument("--quiet", action="store_true", help="no live progress display")
     p.add_argument(
         "--yes",
@@ -28,12 +55,18 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         help="successive halving: drop configurations significantly worse than the best at "
         "intermediate rungs (needs >= 2 seeds)",
     )
-    p.add_argument("--prune-eta", type=int, default=None, help="halving factor (default 2)")
+    p.add_argument("--prune-eta", type=int, default=None, help="halving factor (default: 2)")
     p.add_argument(
-        "--prune-min-steps", type=int, default=None, help="steps of the first rung, at least (10)"
+        "--prune-min-steps",
+        type=int,
+        default=None,
+        help="steps of the first rung, at least (default: 10)",
     )
     p.add_argument(
-        "--prune-alpha", type=float, default=None, help="level of the Holm-adjusted tests (0.05)"
+        "--prune-alpha",
+        type=float,
+        default=None,
+        help="level of the Holm-adjusted tests (default: 0.05)",
     )
     p.add_argument(
         "--prune-metric",
@@ -44,7 +77,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         "--prune-tolerance",
         type=float,
         default=None,
-        help="drop only configurations worse than the best by more than this (metric units)",
+        help="drop only configurations worse than the best by more than this, in metric units "
+        "(default: 0)",
     )
     p.add_argument(
         "--prune-eval-examples",
@@ -58,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lorasweep", description="Which LoRA configuration should I use? Evidence."
     )
+    p.add_argument("--version", action="version", version=f"lorasweep {package_version()}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -75,39 +110,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_command(sub: Any) -> None:
     s = sub.add_parser("run", help="run or resume a sweep from a YAML spec")
-    s.add_argument("spec")
+    s.add_argument("spec", help="the sweep's YAML spec (`lorasweep init` writes a starter)")
     s.add_argument("--out", required=True, help="run folder (store, report, adapters)")
     _run_args(s)
 
 
 def _demo_command(sub: Any) -> None:
     s = sub.add_parser("demo", help="MiniLM + Rotten Tomatoes, 3 ranks x 2 seeds, on CPU")
-    s.add_argument("--out", default="lorasweep-demo")
+    s.add_argument("--out", default="lorasweep-demo", help="run folder (default: %(default)s)")
     _run_args(s)
 
 
 def _status_command(sub: Any) -> None:
     s = sub.add_parser("status", help="the trials of a run folder")
-    s.add_argument("dir")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("dir", help="a run folder (lorasweep run --out)")
+    s.add_argument("--json", action="store_true", help="one JSON object instead of a table")
 
 
 def _export_command(sub: Any) -> None:
     s = sub.add_parser("export", help="per-trial rows as CSV or JSON")
-    s.add_argument("dir")
-    s.add_argument("--format", choices=["csv", "json"], default="csv")
-    s.add_argument("-o", "--output", default=None)
+    s.add_argument("dir", help="a run folder (lorasweep run --out)")
+    s.add_argument(
+        "--format",
+        choices=["csv", "json"],
+        default="csv",
+        help="CSV or JSON rows (default: %(default)s)",
+    )
+    s.add_argument("-o", "--output", default=None, help="write this file (default: stdout)")
 
 
 def _analyze_command(sub: Any) -> None:
     s = sub.add_parser("analyze", help="statistics and a recommendation")
     s.add_argument("source", help="a run folder, or a CSV/JSON of per-trial rows")
-    s.add_argument("--metric")
-    s.add_argument("--direction", choices=["min", "max"])
+    s.add_argument(
+        "--metric",
+        help="the column compared (default: the task's, test_accuracy or accuracy; "
+        "test_perplexity or perplexity for causal-lm)",
+    )
+    s.add_argument(
+        "--direction",
+        choices=["min", "max"],
+        help="which is better (default: from the metric's name, e.g. max for accuracy)",
+    )
     s.add_argument(
         "--by",
         help="grouping columns, comma separated (default: variant,rank and every setting that "
-        "varies, such as learning_rate)",
+        "varies, such as learning_rate; lora_r, r and config.* columns are read as rank and "
+        "settings)",
     )
     s.add_argument("--cost", help="cost column (default: train_seconds)")
     _margin_arg(s)
@@ -116,9 +165,14 @@ def _analyze_command(sub: Any) -> None:
         type=float,
         help="deprecated: use --margin (the same, in metric units)",
     )
-    s.add_argument("--memory-budget", type=float, help="GB")
+    s.add_argument(
+        "--memory-budget",
+        type=float,
+        metavar="GB",
+        help="leave out configurations whose peak memory exceeds this (default: no budget)",
+    )
     _tune_args(s)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="the analysis as JSON")
 
 
 def _tune_args(s: argparse.ArgumentParser) -> None:
@@ -152,25 +206,61 @@ def _margin_arg(s: argparse.ArgumentParser) -> None:
 
 def _report_command(sub: Any) -> None:
     s = sub.add_parser("report", help="write DIR/report.html")
-    s.add_argument("dir")
+    s.add_argument("dir", help="a run folder (lorasweep run --out)")
     _margin_arg(s)
     _tune_args(s)
 
 
 def _estimate_command(sub: Any) -> None:
     s = sub.add_parser("estimate", help="params, adapter size and memory per rank, no weights")
-    s.add_argument("model")
-    s.add_argument("--ranks", default="4,8,16,32,64,128,256")
-    s.add_argument("--targets", default=None)
-    s.add_argument("--variant", choices=["lora", "dora", "qlora"], default="lora")
-    s.add_argument("--task", choices=["causal-lm", "classification"], default=None)
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--seq", type=int, default=512)
-    s.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    s.add_argument("--optimizer", choices=["adamw", "adamw-8bit", "sgd"], default="adamw")
-    s.add_argument("--gradient-checkpointing", action="store_true")
+    from lorasweep.training.models import SHIPPED
+
+    s.add_argument(
+        "model",
+        help=f"a model with a shipped config ({', '.join(SHIPPED)}), a folder or a hub id",
+    )
+    s.add_argument(
+        "--ranks", default="4,8,16,32,64,128,256", help="comma separated (default: %(default)s)"
+    )
+    s.add_argument(
+        "--targets",
+        default=None,
+        help="attention, mlp, all-linear, or module-name suffixes, comma separated (default: "
+        "peft's default for the model type)",
+    )
+    s.add_argument(
+        "--variant",
+        choices=["lora", "dora", "qlora"],
+        default="lora",
+        help="the adapter, qlora a 4-bit base (default: %(default)s)",
+    )
+    s.add_argument(
+        "--task",
+        choices=["causal-lm", "classification"],
+        default=None,
+        help="the task (default: from the model's config)",
+    )
+    s.add_argument("--batch", type=int, default=1, help="sequences per step (default: %(default)s)")
+    s.add_argument(
+        "--seq", type=int, default=512, help="tokens per sequence (default: %(default)s)"
+    )
+    s.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default="bf16",
+        help="weights and activations (default: %(default)s)",
+    )
+    s.add_argument(
+        "--optimizer",
+        choices=["adamw", "adamw-8bit", "sgd"],
+        default="adamw",
+        help="whose state is counted (default: %(default)s)",
+    )
+    s.add_argument(
+        "--gradient-checkpointing", action="store_true", help="activations recomputed, not kept"
+    )
     s.add_argument("--plot", default=None, help="write the memory-vs-rank PNG here")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="the estimate as JSON")
 
 
 def _spectrum_command(sub: Any) -> None:
@@ -179,12 +269,17 @@ def _spectrum_command(sub: Any) -> None:
     )
     s.add_argument("adapter", help="a saved peft adapter folder")
     s.add_argument("other", nargs="?", default=None, help="a second adapter to compare")
-    s.add_argument("--energy", type=float, default=0.9, help="share of Σσ² to keep (0.9)")
     s.add_argument(
-        "--by", choices=["group", "type"], default="group", help="rank_pattern per group or type"
+        "--energy", type=float, default=0.9, help="share of Σσ² to keep (default: %(default)s)"
+    )
+    s.add_argument(
+        "--by",
+        choices=["group", "type"],
+        default="group",
+        help="rank_pattern per group or type (default: %(default)s)",
     )
     s.add_argument("--plot", default=None, help="write the singular-value PNG here")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="the spectrum as JSON")
     s.add_argument(
         "--verify",
         default=None,
@@ -204,8 +299,27 @@ def _spectrum_command(sub: Any) -> None:
 
 
 def _init_command(sub: Any) -> None:
-    s = sub.add_parser("init", help="write a commented starter spec")
-    s.add_argument("--model", default="builtin:minilm-l6")
-    s.add_argument("--task", choices=["classification", "causal-lm"], default=None)
-    s.add_argument("-o", "--output", default="sweep.yaml")
-    s.add_argument("--force", action="store_true")
+    from lorasweep.tools.starter import builtins_lines
+
+    s = sub.add_parser(
+        "init",
+        help="write a commented starter spec",
+        description="Write a commented starter spec for a model.",
+        epilog="\n".join(builtins_lines()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument(
+        "--model",
+        default="builtin:minilm-l6",
+        help="a builtin (listed below), a local model folder or a hub id (default: %(default)s)",
+    )
+    s.add_argument(
+        "--task",
+        choices=["classification", "causal-lm"],
+        default=None,
+        help="the task (default: from the model's config)",
+    )
+    s.add_argument(
+        "-o", "--output", default="sweep.yaml", help="'-' for stdout (default: %(default)s)"
+    )
+    s.add_argument("--force", action="store_true", help="overwrite an existing --output")

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from lorasweep import aliases
 from lorasweep.analysis.decision import parse_margin
 from lorasweep.plan import plan
 from lorasweep.records import Trial
@@ -347,6 +348,21 @@ def _fmt_loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
+def _section_fields() -> dict[str, list[str]]:
+    """Each spec section's keys (``aliases.section_of``), for the "did you mean" of a key."""
+    models = {"top": SweepSpec, "adapter": AdapterSpec, "dataset": DatasetSpec,
+              "search": SearchSpec, "analysis": AnalysisSpec}  # fmt: skip
+    return {name: list(model.model_fields) for name, model in models.items()}
+
+
+def _unknown_key(loc: tuple[Any, ...], key: str, value: Any) -> str:
+    """``lora.lora_r: unknown key (value 16); did you mean lora.rank?`` (another tool's name,
+    or a close spelling of a key of the section)."""
+    line = f"{key}: unknown key (value {value!r})"
+    meant = aliases.suggest(tuple(map(str, loc[:-1])), str(loc[-1]), _section_fields())
+    return f"{line}; did you mean {meant}?" if meant else line
+
+
 def _pydantic_errors(exc: ValidationError) -> list[str]:
     lines = []
     for e in exc.errors():
@@ -357,7 +373,7 @@ def _pydantic_errors(exc: ValidationError) -> list[str]:
         if msg.startswith(f"{key}: "):  # a validator that names its key and value itself
             lines.append(msg)
         elif e["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key (value {e['input']!r})")
+            lines.append(_unknown_key(loc, key, e["input"]))
         elif e["type"] == "missing":
             lines.append(f"{key}: required key is missing")
         else:
@@ -379,11 +395,12 @@ def parse_spec(data: dict[str, Any] | str | Path) -> SweepSpec:
         data = yaml.safe_load(data)
     if not isinstance(data, dict):
         raise SpecError([f"spec: must be a mapping of keys, got {type(data).__name__}"])
+    hints = aliases.free_form_hints(data)  # other tools' names in training:, grid:; "all"
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_pydantic_errors(exc)) from None
-    errors = space_errors(spec) or variant_errors(spec)
+        raise SpecError(list(dict.fromkeys(_pydantic_errors(exc) + hints))) from None
+    errors = hints or space_errors(spec) or variant_errors(spec)
     if errors:
         raise SpecError(errors)
     return spec

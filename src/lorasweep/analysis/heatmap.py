@@ -28,6 +28,14 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from lorasweep.analysis.compare import key_scalar  # noqa: E402
 from lorasweep.analysis.factors import cell_means  # noqa: E402
+from lorasweep.analysis.plot_text import (  # noqa: E402
+    DPI,
+    FIG_SIZE,
+    LABEL,
+    TICK,
+    axis_label,
+    quantity,
+)
 from lorasweep.analysis.settings import readable, value_text  # noqa: E402
 from lorasweep.analysis.tables import prepare_trials  # noqa: E402
 from lorasweep.analysis.units import fmt_num  # noqa: E402
@@ -87,12 +95,15 @@ def plot_heatmap(
     grid = np.full((len(rlev), len(clev)), np.nan)
     for _, r in data.iterrows():
         grid[rlev.index(r["row"]), clev.index(r["column"])] = r["mean"]
-    fig = Figure(figsize=(max(6.4, 2.0 + 1.1 * len(clev)), 1.6 + 0.5 * max(len(rlev), 3)),
-                 dpi=100, layout="constrained")  # fmt: skip
+    fig = Figure(figsize=(max(FIG_SIZE[0], 2.0 + 1.1 * len(clev)), 1.8 + 0.5 * max(len(rlev), 3)),
+                 dpi=DPI, layout="constrained")  # fmt: skip
     ax = fig.add_subplot()
+    ax.tick_params(labelsize=TICK)
     cmap = matplotlib.colormaps["viridis" if sign > 0 else "viridis_r"]
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto")
-    fig.colorbar(im, ax=ax, shrink=0.85, label=metric)
+    bar = fig.colorbar(im, ax=ax, shrink=0.85)
+    bar.set_label(axis_label(metric), fontsize=LABEL)
+    bar.ax.tick_params(labelsize=TICK)
     lo, hi = np.nanmin(grid), np.nanmax(grid)
     picked = {(key_scalar(a), key_scalar(b)) for a, b in chosen}
     for i, rv in enumerate(rlev):
@@ -103,7 +114,7 @@ def plot_heatmap(
                 continue
             light = (row[j] - lo) / (hi - lo) if hi > lo else 0.5
             bright = light > 0.6 if sign > 0 else light < 0.4
-            ax.text(j, i, fmt_num(row[j]), ha="center", va="center", fontsize=9,
+            ax.text(j, i, fmt_num(row[j]), ha="center", va="center", fontsize=TICK,
                     color="black" if bright else "white",
                     fontweight="bold" if j == best else "normal")  # fmt: skip
             if j == best:
@@ -113,11 +124,11 @@ def plot_heatmap(
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, ec="#dc2626"))
     ax.set_xticks(range(len(clev)), [value_text(v) for v in clev])
     ax.set_yticks(range(len(rlev)), [value_text(v) for v in rlev])
-    ax.set_xlabel(readable(columns))
-    ax.set_ylabel(readable(rows))
+    ax.set_xlabel(readable(columns), fontsize=LABEL)
+    ax.set_ylabel(readable(rows), fontsize=LABEL)
     marks = "dashed: best in its row" + ("; red box: chosen by tuning" if picked else "")
-    ax.set_title(f"{metric} by {readable(rows)} and {readable(columns)} (mean over seeds)\n"
-                 f"{marks}", fontsize=10, loc="left")  # fmt: skip
+    ax.set_title(f"{quantity(metric)} by {readable(rows)} and {readable(columns)}, mean over "
+                 f"seeds\n{marks}", fontsize=LABEL, loc="left")  # fmt: skip
     return fig
 
 
@@ -168,5 +179,5 @@ def write_heatmap(
         return None
     path = Path(out_dir) / "heatmap.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=DPI)
     return path

@@ -22,16 +22,20 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
 from lorasweep.analysis import stats  # noqa: E402
+from lorasweep.analysis.plot_text import (  # noqa: E402
+    DPI,
+    LABEL,
+    LEGEND,
+    SMALL,
+    axis_label,
+    new_figure,
+    place_labels,
+    quantity,
+)
 
 GIB = 1024**3
 DEFAULT_GPU_LIMITS_GB = (24, 40, 80)
 _COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563"]
-_LABELS = {
-    "train_seconds": "training time (s)",
-    "trainable_params": "trainable parameters",
-    "peak_gpu_allocated_bytes": "peak GPU allocated (GiB)",
-    "peak_cpu_rss_bytes": "peak CPU RSS (GiB)",
-}
 
 
 # ----------------------------------------------------------------------------- data
@@ -72,7 +76,7 @@ def efficiency_data(
     value = m if higher else 1.0 / m
     df["_eff"] = (value / hours.where(hours > 0)).replace([np.inf, -np.inf], np.nan)
     out = stats.describe(df, "_eff", by=["variant", "rank"])
-    out.attrs["label"] = f"{metric if higher else '1/' + metric} per training hour"
+    out.attrs["label"] = f"{'' if higher else '1/'}{quantity(metric)} per training hour"
     return out
 
 
@@ -150,9 +154,7 @@ def memory_estimate_data(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def _figure(title: str) -> tuple[Figure, object]:
-    fig = Figure(figsize=(6.4, 4.0), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title(title, fontsize=11, loc="left")
+    fig, ax = new_figure(title)
     ax.grid(True, alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
     return fig, ax
@@ -172,7 +174,7 @@ def _log2_rank_axis(ax: object, ranks: Sequence[float]) -> None:
     ax.set_xticklabels([f"{r:g}" for r in ranks])
     lo, hi = ranks[0], ranks[-1]
     ax.set_xlim(lo / 2**0.4, hi * 2**0.4)
-    ax.set_xlabel("rank r (log2)")
+    ax.set_xlabel("rank r (log2 axis)", fontsize=LABEL)
 
 
 def _rank_lines(ax: object, data: pd.DataFrame, ylabel: str) -> list[str]:
@@ -205,23 +207,31 @@ def _rank_lines(ax: object, data: pd.DataFrame, ylabel: str) -> list[str]:
             label=str(variant),
         )
     _log2_rank_axis(ax, data["rank"].dropna().tolist())
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8, frameon=False)
+    ax.set_ylabel(ylabel, fontsize=LABEL)
+    _legend(ax)
     return rankless
+
+
+def _legend(ax: object, **kwargs: object) -> None:
+    """The legend, smaller and in two columns when it has many entries."""
+    n = len(ax.get_legend_handles_labels()[1])
+    if n:
+        ax.legend(fontsize=LEGEND if n <= 4 else SMALL, ncol=1 if n <= 6 else 2, frameon=False,
+                  **kwargs)  # fmt: skip
 
 
 def plot_metric_vs_rank(data: pd.DataFrame, metric: str, direction: str | None = None) -> Figure:
     """Mean metric per rank with 95% CI error bars, one line per variant."""
     d = stats.resolve_direction(metric, direction)
-    fig, ax = _figure(f"{metric} vs rank (mean, 95% CI; {d} is better)")
-    _rank_lines(ax, data, metric)
+    fig, ax = _figure(f"{quantity(metric)} vs rank (mean, 95% CI; {d} is better)")
+    _rank_lines(ax, data, axis_label(metric))
     return fig
 
 
 def plot_time_vs_rank(data: pd.DataFrame) -> Figure:
     """Training-loop wall time per rank (mean, 95% CI)."""
     fig, ax = _figure("Training time vs rank (mean, 95% CI)")
-    _rank_lines(ax, data, "training time (s)")
+    _rank_lines(ax, data, axis_label("train_seconds"))
     return fig
 
 
@@ -230,21 +240,23 @@ def plot_memory_vs_rank(
 ) -> Figure:
     """Peak memory per rank (GiB) with horizontal lines at common GPU memory sizes."""
     col = data.attrs.get("column")
-    label = _LABELS.get(col, "peak memory (GiB)")
-    fig, ax = _figure(f"Peak memory vs rank: {label}")
+    gpu = col == "peak_gpu_allocated_bytes"
+    what = quantity(col) if col else "peak memory"
+    # CPU RSS is not comparable to GPU memory sizes: no limit lines, the title says so instead.
+    how = "mean, 95% CI" if gpu else "no GPU measured"
+    fig, ax = _figure(f"{what[:1].upper()}{what[1:]} vs rank ({how})")
     if col is None:
         _note(ax, "no memory measurements")
         return fig
-    _rank_lines(ax, data, label)
-    if col != "peak_gpu_allocated_bytes":
-        # CPU RSS is not comparable to GPU memory sizes: no limit lines, say so instead.
-        ax.set_title(f"Peak memory vs rank: {label} (no GPU measured)", fontsize=11, loc="left")
+    _rank_lines(ax, data, axis_label(col))
+    if not gpu:
         return fig
     top = float(np.nanmax(data["ci_hi"].fillna(data["mean"]))) if not data.empty else 0.0
     for lim in sorted(gpu_limits_gb):
         # Draw limits up to the first one above the data, so small runs stay readable.
         ax.axhline(lim, color="#9ca3af", ls=":", lw=1.2)
-        ax.text(ax.get_xlim()[0], lim, f" {lim:g} GB GPU", va="bottom", fontsize=8, color="#6b7280")
+        ax.text(ax.get_xlim()[0], lim, f" {lim:g} GB GPU", va="bottom", fontsize=SMALL,
+                color="#6b7280")  # fmt: skip
         if lim >= top:
             break
     ax.set_ylim(bottom=0)
@@ -261,14 +273,15 @@ def plot_efficiency(data: pd.DataFrame) -> Figure:
 
 def plot_pareto(data: pd.DataFrame, metric: str, cost: str = "train_seconds") -> Figure:
     """Mean metric vs mean cost per configuration; the Pareto front highlighted and joined."""
-    fig, ax = _figure(f"Pareto front: {metric} vs {cost}")
+    fig, ax = _figure(f"Pareto front: {quantity(metric)} vs {quantity(cost)}")
     if data.empty:
-        _note(ax, f"needs {metric} and {cost}")
+        _note(ax, f"needs {quantity(metric)} and {quantity(cost)}")
         return fig
     scale = GIB if cost.endswith("bytes") else 1.0
     x = data["cost"] / scale
     off = ~data["on_front"].astype(bool)
-    ax.scatter(x[off], data["metric"][off], color="#9ca3af", s=36, label="dominated", zorder=2)
+    if off.any():  # no legend entry for points that are not there
+        ax.scatter(x[off], data["metric"][off], color="#9ca3af", s=36, label="dominated", zorder=2)
     front = data[data["on_front"].astype(bool)].sort_values("cost")
     ax.plot(
         front["cost"] / scale,
@@ -279,26 +292,34 @@ def plot_pareto(data: pd.DataFrame, metric: str, cost: str = "train_seconds") ->
         zorder=3,
         label="Pareto front",
     )
-    for _, r in data.iterrows():
-        ax.annotate(
-            stats.group_label({"variant": r["variant"], "rank": _int(r["rank"])}),
-            (r["cost"] / scale, r["metric"]),
-            fontsize=7,
-            xytext=(4, 4),
-            textcoords="offset points",
-            color="#374151",
-        )
-    ax.set_xlabel(_LABELS.get(cost, cost))
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=8, frameon=False)
+    ax.set_xlabel(axis_label(cost), fontsize=LABEL)
+    ax.set_ylabel(axis_label(metric), fontsize=LABEL)
+    _margins(ax, x, data["metric"])
+    _legend(ax)
+    place_labels(ax, list(x), list(data["metric"]), _point_labels(data))
     return fig
+
+
+def _margins(ax: object, x: pd.Series, y: pd.Series) -> None:
+    """Room around the points for their labels."""
+    for lo, hi, set_lim in ((x.min(), x.max(), ax.set_xlim), (y.min(), y.max(), ax.set_ylim)):
+        pad = 0.15 * (hi - lo) if hi > lo else 0.05 * abs(hi) or 1.0
+        set_lim(lo - pad, hi + pad)
+
+
+def _point_labels(data: pd.DataFrame) -> list[str]:
+    return [
+        stats.group_label({"variant": v, "rank": _int(r)})
+        for v, r in zip(data["variant"], data["rank"])
+    ]
 
 
 def plot_loss_curves(data: pd.DataFrame, curve: str = "train_loss") -> Figure:
     """One line per (variant, rank): the curve averaged over seeds."""
-    fig, ax = _figure(f"{curve} per rank (mean over seeds)")
+    what = quantity(curve)
+    fig, ax = _figure(f"{what[:1].upper()}{what[1:]} per configuration (mean over seeds)")
     if data.empty:
-        _note(ax, f"no {curve} curves")
+        _note(ax, f"no {quantity(curve)} curves")
         return fig
     keys = data[["variant", "rank"]].drop_duplicates().sort_values(["variant", "rank"])
     cmap = matplotlib.colormaps["viridis"]
@@ -315,9 +336,9 @@ def plot_loss_curves(data: pd.DataFrame, curve: str = "train_loss") -> Figure:
             lw=1.5,
             label=stats.group_label({"variant": k["variant"], "rank": _int(k["rank"])}),
         )
-    ax.set_xlabel("step")
-    ax.set_ylabel(curve)
-    ax.legend(fontsize=7, frameon=False, ncol=2)
+    ax.set_xlabel("step", fontsize=LABEL)
+    ax.set_ylabel(axis_label(curve), fontsize=LABEL)
+    _legend(ax)
     return fig
 
 
@@ -328,22 +349,15 @@ def plot_memory_estimate(data: pd.DataFrame) -> Figure:
     if data.empty:
         _note(ax, "no estimates")
         return fig
-    ax.scatter(data["estimated"], data["measured"], color="#2563eb", zorder=3)
-    for _, r in data.iterrows():
-        ax.annotate(
-            stats.group_label({"variant": r["variant"], "rank": _int(r["rank"])}),
-            (r["estimated"], r["measured"]),
-            fontsize=7,
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
-    hi = float(max(data["estimated"].max(), data["measured"].max())) * 1.1
+    ax.scatter(data["estimated"], data["measured"], color="#2563eb", alpha=0.8, zorder=3)
+    hi = float(max(data["estimated"].max(), data["measured"].max())) * 1.15
     ax.plot([0, hi], [0, hi], ls="--", color="#9ca3af", label="y = x")
     ax.set_xlim(0, hi)
     ax.set_ylim(0, hi)
-    ax.set_xlabel("estimated peak (GiB)")
-    ax.set_ylabel(f"measured: {_LABELS.get(col, col)}")
-    ax.legend(fontsize=8, frameon=False)
+    ax.set_xlabel(axis_label("estimated_peak_bytes"), fontsize=LABEL)
+    ax.set_ylabel(f"measured {axis_label(col)}" if col else "measured (GiB)", fontsize=LABEL)
+    _legend(ax, loc="upper left")
+    place_labels(ax, list(data["estimated"]), list(data["measured"]), _point_labels(data))
     return fig
 
 
@@ -395,5 +409,5 @@ def render_all(
     paths = {}
     for name, fig in figs.items():
         paths[name] = out / f"{name}.png"
-        fig.savefig(paths[name], dpi=100)
+        fig.savefig(paths[name], dpi=DPI)
     return paths

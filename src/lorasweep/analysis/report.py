@@ -24,8 +24,16 @@ import pandas as pd
 
 from lorasweep.analysis import plots, report_tuning, stats
 from lorasweep.analysis.compare import key_scalar
+from lorasweep.analysis.plot_text import axis_label
 from lorasweep.analysis.pruning_summary import pruning_summary
-from lorasweep.analysis.report_sections import pruning_section_html, render, spectrum_section_html
+from lorasweep.analysis.report_sections import (
+    plot_captions,
+    pruning_section_html,
+    render,
+    spectrum_section_html,
+    wide_interval,
+    wrap_tables,
+)
 from lorasweep.analysis.units import decimals_for, fmt_fixed, fmt_mean_std, fmt_num, fmt_p, fmt_sig
 from lorasweep.analysis.verify_summary import verify_report_info
 from lorasweep.spec import analysis_kwargs
@@ -46,18 +54,6 @@ SUMMARY_METRICS: dict[str, tuple[str, str]] = {
     "train_seconds": ("train time", "seconds"),
     "tokens_per_second": ("tokens/s", "rate"),
     "effective_rank": ("effective rank", "metric"),
-}
-PLOT_CAPTIONS = {
-    "metric_vs_rank": "Mean over seeds with 95% t confidence intervals. Variants without a rank "
-    "of their own are dashed lines with a shaded CI band. Other settings that vary get a line "
-    "per value; a tuned setting shows its chosen value at each rank.",
-    "time_vs_rank": "Wall seconds of the training loop alone (loading and eval timed apart).",
-    "memory_vs_rank": "Peak memory per trial; dotted lines mark common GPU sizes.",
-    "efficiency": "Metric per hour of training: where extra rank stops paying for itself.",
-    "pareto": "Configurations that no other beats on both metric and cost form the front.",
-    "loss_curves": "Training loss averaged over seeds, one line per configuration.",
-    "memory_estimate": "Estimator's predicted peak vs the measured peak; points on y = x are "
-    "exact.",
 }
 
 
@@ -82,7 +78,13 @@ def _summary_rows(trials: pd.DataFrame, analysis: dict, by: Any) -> tuple[list, 
     rows = []
     for _, r in table.iterrows():
         key = {c: key_scalar(None if pd.isna(r[c]) else r[c]) for c in key_cols}
-        cells = [fmt_mean_std(r[f"{m}_mean"], r[f"{m}_std"], SUMMARY_METRICS[m][1]) for m in shown]
+        cells = [
+            {  # the mean to sort by: "1.14 MiB" and "156.73 KiB" do not sort as text
+                "text": fmt_mean_std(r[f"{m}_mean"], r[f"{m}_std"], SUMMARY_METRICS[m][1]),
+                "sort": "" if pd.isna(r[f"{m}_mean"]) else f"{r[f'{m}_mean']:.10g}",
+            }
+            for m in shown
+        ]
         rows.append(
             {
                 "label": report_tuning.row_label(key, settings),
@@ -212,11 +214,12 @@ def build_report(
         direction=analysis["direction"],
         cost=kwargs.get("cost") or "train_seconds",
     )
+    captions = plot_captions(trials, metric, kwargs.get("cost") or "train_seconds")
     images = [
         {
             "name": name,
             "title": name.replace("_", " ").capitalize(),
-            "caption": PLOT_CAPTIONS.get(name, ""),
+            "caption": captions.get(name, ""),
             "data": base64.b64encode(path.read_bytes()).decode("ascii"),
         }
         for name, path in pngs.items()
@@ -241,6 +244,8 @@ def build_report(
         reason=_reason_lines(analysis["reason"]),
         best=stats.group_label(analysis["best"]["key"]) if analysis.get("best") else None,
         comparison=_comparison_rows(analysis),
+        cost_header=f"cost: {axis_label(analysis['cost'])}" if analysis.get("cost") else "cost",
+        wide=wide_interval(analysis),
         has_examples=any(g.get("diff_ci_examples") for g in analysis["groups"]),
         margin_note=_margin_note(analysis),
         design_note=_design_note(analysis),
@@ -251,7 +256,10 @@ def build_report(
         summary=summary,
         problems=_problem_rows(trials, metric),
         images=images,
-        extra_sections=extra_sections or [],
+        extra_sections=[
+            {**s, "html": wrap_tables(s["html"]), "id": re.sub(r"\W+", "-", s["title"].lower())}
+            for s in extra_sections or []
+        ],
         environment=env,
         spec_yaml=meta.get("spec_yaml") or "",
         status_counts=status_counts,
@@ -340,7 +348,7 @@ def write_run_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
     if meta.get("prune"):
         sections.append(_pruning_section(meta, trials, kwargs["analysis_kwargs"]))
     if adapters:
-        sections += _spectrum_sections(adapters, meta, trials)
+        sections += spectrum_sections(adapters, meta, trials)
     return build_report(trials, curves, meta, run_dir, extra_sections=sections, **kwargs)
 
 
@@ -351,11 +359,12 @@ def _pruning_section(meta: dict, trials: pd.DataFrame, analysis_kwargs: dict) ->
     return {"title": "Pruning", "html": html}
 
 
-def _spectrum_sections(
+def spectrum_sections(
     adapters: dict[str, Path], meta: dict, trials: pd.DataFrame
 ) -> list[dict[str, str]]:
-    """The adapter-spectra section of the adapters still on disk; a section that fails says
-    why instead of blocking the report."""
+    """The report's "Adapter spectra" section (its one heading is the title; the HTML has none)
+    of the adapters still on disk; a section that fails says why instead of blocking the
+    report."""
     try:
         existing = {k: v for k, v in adapters.items() if v.exists()}
         if not existing:
@@ -364,7 +373,7 @@ def _spectrum_sections(
         html = spectrum_section_html(existing, verify=verify)
     except Exception as e:  # noqa: BLE001 - an extra section never blocks the report
         html = f"<p>not available: {escape(str(e))}</p>"
-    return [{"title": "Adapter spectra", "html": html}]
+    return [{"title": "Adapter spectra: the rank actually used", "html": html}]
 
 
 def export_trials(trials: pd.DataFrame, path: str | Path, fmt: str = "csv") -> Path:

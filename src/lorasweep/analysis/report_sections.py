@@ -1,9 +1,11 @@
-"""The report's templates, and the HTML of its optional sections: "Pruning" and "Adapter spectra".
+"""The report's templates, the words around its figures and tables, and the HTML of its optional
+sections: "Pruning" and "Adapter spectra".
 
 Each section is rendered from data that another module returns (``pruning_summary``, the
 spectra of ``tools.spectrum.report_spectra``, the ``--verify`` records of ``verify_summary``)
 through a jinja template in ``lorasweep/templates``; nothing here computes a statistic. The
-sections go into ``report.build_report`` as ``extra_sections``.
+sections go into ``report.build_report`` as ``extra_sections``; every table of the page sits in
+a horizontal scroll box (``wrap_tables``), so a wide table never widens the page on a phone.
 """
 
 from __future__ import annotations
@@ -13,17 +15,23 @@ import functools
 import io
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import pandas as pd
+from markupsafe import Markup, escape
 from matplotlib.figure import Figure
 
+from lorasweep.analysis.explain import group_label
+from lorasweep.analysis.plot_text import quantity
 from lorasweep.analysis.pruning_summary import cheaper_dropped
+from lorasweep.analysis.tables import memory_column
 from lorasweep.analysis.tool_plots import rank_use_data, rank_use_figure
-from lorasweep.analysis.units import fmt_seconds
+from lorasweep.analysis.units import fmt_num, fmt_seconds, fmt_sig
 from lorasweep.tools.spectrum import report_spectra  # numpy + safetensors only
 
 
@@ -32,9 +40,20 @@ def _environment() -> jinja2.Environment:
     def load(name: str) -> str:
         return files("lorasweep").joinpath("templates", name).read_text(encoding="utf-8")
 
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FunctionLoader(load), autoescape=True, undefined=jinja2.StrictUndefined
     )
+    env.filters["pm"] = mean_std_html
+    return env
+
+
+def mean_std_html(text: str) -> Markup:
+    """``0.7320 ± 0.0098`` (``units.fmt_mean_std``) that a narrow table cell may break only
+    before the ``±``, into the mean and its spread."""
+    mean, sep, std = (escape(t) for t in str(text).partition(" ± "))
+    if not sep:
+        return Markup(mean)
+    return Markup(f'<span class="nw">{mean}</span> <span class="nw">± {std}</span>')
 
 
 def render(template: str, **context: Any) -> str:
@@ -47,6 +66,78 @@ def png_base64(fig: Figure, dpi: int = 100) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def wrap_tables(html: str) -> str:
+    """Every ``<table>`` of ``html`` inside a ``<div class="table-wrap">`` (the report's
+    horizontal scroll box) unless it is in one already."""
+
+    def wrap(m: re.Match) -> str:
+        return m.group(0) if m.group(1) else f'<div class="table-wrap">{m.group(2)}</div>'
+
+    return re.sub(r'(<div class="table-wrap">\s*)?(<table\b.*?</table>)', wrap, html, flags=re.S)
+
+
+# ----------------------------------------------------------------------------- words
+
+
+PLOT_CAPTIONS = {
+    "metric_vs_rank": "Mean over seeds with 95% t confidence intervals. Variants without a rank "
+    "of their own are dashed lines with a shaded CI band. Other settings that vary get a line "
+    "per value; a tuned setting shows its chosen value at each rank.",
+    "time_vs_rank": "Wall seconds of the training loop alone (loading and eval timed apart).",
+    "memory_vs_rank": "Peak GPU memory allocated per trial; dotted lines mark common GPU sizes.",
+    "efficiency": "Metric per hour of training: where extra rank stops paying for itself.",
+    "pareto": "Configurations that no other beats on both {metric} and {cost} form the front "
+    "(the blue line).",
+    "loss_curves": "Training loss averaged over seeds, one line per configuration.",
+    "memory_estimate": "Estimator's predicted peak vs the measured peak; points on y = x are "
+    "exact.",
+}
+# without a GPU measurement the memory plot shows the CPU's peak and draws no GPU sizes
+CPU_MEMORY_CAPTION = (
+    "Peak CPU memory (resident set size) per trial. No GPU memory was measured, so no GPU sizes "
+    "are drawn: CPU memory does not say what fits on a GPU."
+)
+
+
+def plot_captions(trials: pd.DataFrame, metric: str, cost: str) -> dict[str, str]:
+    """The plots' captions; the memory plot's says what was measured (GPU lines only with a
+    GPU measurement)."""
+    out = {
+        k: v.format(metric=quantity(metric), cost=quantity(cost)) for k, v in PLOT_CAPTIONS.items()
+    }
+    if memory_column(trials) != "peak_gpu_allocated_bytes":
+        out["memory_vs_rank"] = CPU_MEMORY_CAPTION
+    return out
+
+
+def wide_interval(analysis: dict) -> dict[str, str] | None:
+    """The widest 95% CI of a configuration's mean when it is too wide to read much into: its
+    half-width above twice the margin (above 10% of the mean without a margin). "No flags"
+    then is no reassurance, and the report says so."""
+    margin = (analysis.get("margin") or {}).get("absolute")
+    widest, half = None, 0.0
+    for g in analysis["groups"]:
+        ci = g.get("ci95")
+        if ci and all(isinstance(v, float | int) and math.isfinite(v) for v in ci):
+            if (ci[1] - ci[0]) / 2 > half * (1 + 1e-9):  # ties: the first
+                widest, half = g, (ci[1] - ci[0]) / 2
+    if widest is None:
+        return None
+    limit = 2 * margin if margin else 0.1 * abs(widest["mean"])
+    if not half > limit:
+        return None
+    lo, hi = widest["ci95"]
+    return {
+        "label": group_label(widest["key"]),
+        "ci": f"[{fmt_num(lo)}, {fmt_num(hi)}]",
+        "half": fmt_sig(half),
+        "than": f"more than twice the {fmt_sig(margin)} margin"
+        if margin
+        else "more than 10% of its mean",
+        "n": str(widest["n"]),
+    }
 
 
 # ----------------------------------------------------------------------------- pruning

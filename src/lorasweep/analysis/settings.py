@@ -62,6 +62,15 @@ RANK_DEPENDENT = ("alpha", "lora_alpha", "scale", "scaling")
 # never settings: the configuration's id columns and the blocking factor
 ID_COLUMNS = ("variant", "rank", "seed")
 
+# other tools' names of the rank column (peft, axolotl, LLaMA-Factory)
+RANK_ALIASES = ("r", "lora_r", "lora_rank")
+# other tools' names of a setting column
+COLUMN_ALIASES = {"lora_dropout": "dropout", "lora_target_modules": "target_modules"}
+# prefixes of a run's configuration in trackers' exports: W&B (``config.lora_r``, flattened by
+# ``pandas.json_normalize``), MLflow (``params.learning_rate``); peft's own config nested in a
+# W&B config as ``peft_config.<adapter>.r``
+CONFIG_PREFIXES = ("config.", "params.")
+
 # how settings read in sentences ("rank 8 at learning rate 0.001")
 READABLE = {
     "rank": "rank",
@@ -101,6 +110,27 @@ def level_label(name: str, value: Any) -> str:
 def short_name(name: str) -> str:
     """A setting's short name in a table header (``lr``); others keep their own name."""
     return SHORT_NAMES.get(name, name)
+
+
+def standard_name(column: str) -> str | None:
+    """The analysis's name of a column made elsewhere (None: the column keeps its name):
+    ``lora_r``, ``r``, ``config.lora_r``, ``config.peft_config.default.r`` -> ``rank``;
+    ``config.learning_rate`` -> ``learning_rate`` (a known setting, an id column or an
+    alpha-like one behind a tracker's prefix); ``lora_dropout`` -> ``dropout``."""
+    name = column
+    for prefix in CONFIG_PREFIXES:
+        name = name.removeprefix(prefix)
+    if name.startswith("peft_config."):
+        name = name.rpartition(".")[2]
+    prefixed = name != column
+    known = (*SETTING_NAMES, *ID_COLUMNS, *RANK_DEPENDENT)
+    if name in RANK_ALIASES:
+        found = "rank"
+    elif name in COLUMN_ALIASES:
+        found = COLUMN_ALIASES[name]
+    else:
+        found = name if prefixed and name in known else None
+    return found if found != column else None
 
 
 def setting_columns(df: pd.DataFrame) -> list[str]:

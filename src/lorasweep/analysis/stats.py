@@ -39,6 +39,7 @@ from lorasweep.analysis.tables import (
     by_columns,
     ci95,
     column_mean,
+    column_notes,
     describe,
     load_trials_table,
     memory_column,
@@ -341,7 +342,9 @@ def analyze(
     df[metric] = pd.to_numeric(df[metric], errors="coerce").astype(float)
     sign = 1.0 if direction == "higher" else -1.0
 
-    flags = flags_mod.trial_flags(df, metric, cols)
+    # a table made elsewhere: say which columns were read under the analysis's names
+    flags = [n[0].upper() + n[1:] + "." for n in column_notes(df)]
+    flags += flags_mod.trial_flags(df, metric, cols)
     if assumed:
         flags.append(
             f"Direction of {metric!r} assumed {direction!r} is better; pass direction= to override."

@@ -17,11 +17,12 @@ import pandas as pd
 from scipy import stats as sps
 
 from lorasweep.analysis.decision import is_proportion
-from lorasweep.analysis.settings import setting_columns
+from lorasweep.analysis.settings import setting_columns, standard_name
 
 __all__ = [
     "by_columns",
     "column_mean",
+    "column_notes",
     "ci95",
     "describe",
     "load_trials_table",
@@ -34,16 +35,45 @@ __all__ = [
 
 # ``DataFrame.attrs`` key: the seed column was made from the row order (the table had none)
 SEEDS_FROM_ROWS = "lorasweep_seeds_from_rows"
+# ``DataFrame.attrs`` keys: {column as made elsewhere: the name it is read as} (``lora_r``:
+# ``rank``), and the id columns ``prepare_trials`` filled in because the table had none
+READ_AS = "lorasweep_read_as"
+FILLED = "lorasweep_filled"
+OWN_COLUMNS = "lorasweep_own_columns"  # the columns of the table as given (renamed)
+_LISTED = 40  # columns named in a message, at most
+
+
+def _standard_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Columns made elsewhere renamed to the analysis's names (``settings.standard_name``),
+    where the table has no column of that name yet; recorded in ``attrs[READ_AS]``."""
+    renames: dict[str, str] = {}
+    for c in df.columns:
+        target = standard_name(c) if isinstance(c, str) else None
+        if target and target not in df.columns and target not in renames.values():
+            renames[c] = target
+    if not renames:
+        return df
+    read_as = {**df.attrs.get(READ_AS, {}), **renames}
+    df = df.rename(columns=renames)
+    df.attrs[READ_AS] = read_as
+    return df
 
 
 def prepare_trials(trials: pd.DataFrame) -> pd.DataFrame:
     """Return a copy with the id columns the analysis needs, filling sensible defaults.
 
+    Columns made elsewhere are read by the analysis's names (``lora_r``, ``config.r`` ->
+    ``rank``, ``config.learning_rate`` -> ``learning_rate``; ``column_notes`` says which).
     Missing ``status`` -> "complete", ``variant`` -> "lora", ``rank`` -> NaN, ``seed`` -> the
     row order within its (variant, rank) configuration (marked in ``attrs[SEEDS_FROM_ROWS]``:
-    such "seeds" are not matched across configurations), ``trial_id`` -> "row<i>".
+    such "seeds" are not matched across configurations), ``trial_id`` -> "row<i>"; the filled
+    id columns are named in ``attrs[FILLED]``.
     """
-    df = trials.copy().reset_index(drop=True)
+    df = _standard_columns(trials.copy().reset_index(drop=True))
+    df.attrs.setdefault(OWN_COLUMNS, list(df.columns))
+    filled = [c for c in ("variant", "rank") if c not in df]
+    if filled:
+        df.attrs[FILLED] = [*df.attrs.get(FILLED, []), *filled]
     if "status" not in df:
         df["status"] = "complete"
     df["status"] = df["status"].fillna("complete").astype(str).str.lower()
@@ -96,15 +126,48 @@ def load_trials_table(path: str | Path) -> pd.DataFrame:
     return prepare_trials(df)
 
 
+def column_notes(df: pd.DataFrame) -> list[str]:
+    """What ``prepare_trials`` read under another name: ``column 'lora_r' read as rank``."""
+    return [f"column {c!r} read as {name}" for c, name in df.attrs.get(READ_AS, {}).items()]
+
+
+def _columns_text(df: pd.DataFrame) -> str:
+    """The table's own columns (``attrs[OWN_COLUMNS]``: none that ``prepare_trials`` filled
+    in), for a message."""
+    cols = [str(c) for c in df.attrs.get(OWN_COLUMNS, df.columns)]
+    more = f", ... ({len(cols) - _LISTED} more)" if len(cols) > _LISTED else ""
+    return ", ".join(cols[:_LISTED]) + more if cols else "none"
+
+
 def by_columns(df: pd.DataFrame, by: str | list[str] | None) -> list[str]:
-    """The grouping columns: ``by`` (checked), else ``variant`` and ``rank`` where present and
-    every setting that varies (``settings.setting_columns``: learning_rate, dropout, ...)."""
+    """The grouping columns: ``by`` (checked; a name read as another, like ``lora_r``, stands
+    for it), else ``variant`` and ``rank`` where present and every setting that varies
+    (``settings.setting_columns``: learning_rate, dropout, ...).
+
+    Raises:
+        ValueError: one line listing the table's columns, where a ``by`` column is missing or
+            the default finds no configuration column at all (no variant, rank or varying
+            setting: every row would be pooled into one configuration).
+    """
     if by is None:
-        return [c for c in ("variant", "rank") if c in df] + setting_columns(df)
-    cols = [by] if isinstance(by, str) else list(by)
+        settings = setting_columns(df)
+        filled = df.attrs.get(FILLED, [])
+        ranked = "rank" in df and pd.to_numeric(df["rank"], errors="coerce").notna().any()
+        if "variant" in filled and ("rank" in filled or not ranked) and not settings:
+            raise ValueError(
+                "by: no configuration column (rank, variant or a setting) in the table; "
+                f"columns: {_columns_text(df)}; name one with --by"
+            )
+        return [c for c in ("variant", "rank") if c in df] + settings
+    read_as = df.attrs.get(READ_AS, {})
+    cols = [read_as.get(c, c) for c in ([by] if isinstance(by, str) else list(by))]
     for c in cols:
         if c not in df:
-            raise ValueError(f"by: {c!r} is not a column of the trials table")
+            meant = standard_name(c)
+            hint = f" (did you mean {meant}?)" if meant in df else ""
+            raise ValueError(
+                f"by: {c!r} is not a column of the trials table{hint}; columns: {_columns_text(df)}"
+            )
     return cols
 
 

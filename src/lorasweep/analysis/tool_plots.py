@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from lorasweep.analysis.plot_text import LABEL, LEGEND, new_figure
 from lorasweep.analysis.units import GIB
 from lorasweep.tools.spectrum import ENERGIES
 
@@ -148,8 +149,7 @@ def rank_use_data(adapters: Sequence[Mapping[str, Any]], energy: float = 0.9) ->
 def rank_use_figure(data: pd.DataFrame) -> Figure:
     """Mean effective rank and largest energy rank against the nominal rank (log2 axes)."""
     energy = data.attrs.get("energy", 0.9)
-    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = new_figure("Rank used by the trained adapters")  # legible on a phone
     x = data["nominal_rank"].to_numpy(dtype=float)
     ax.scatter(x, data["mean_effective_rank"], label="mean effective rank")
     ax.scatter(x, data["energy_rank"], marker="x", label=f"max {energy:.0%} rank")
@@ -157,8 +157,9 @@ def rank_use_figure(data: pd.DataFrame) -> Figure:
     ax.plot(lim, lim, color="grey", ls="--", lw=0.8, label="= nominal rank")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
-    ax.set(xlabel="nominal rank r", ylabel="rank", title="Rank used by the trained adapters")
-    ax.legend(fontsize=8)
+    ax.set_xlabel("nominal rank r", fontsize=LABEL)
+    ax.set_ylabel("rank used", fontsize=LABEL)
+    ax.legend(fontsize=LEGEND, frameon=False)
     return fig
 
 

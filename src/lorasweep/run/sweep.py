@@ -214,27 +214,29 @@ class _Runner:
             print(text, file=sys.stderr, flush=True)
 
     def run(self, trials: list[Trial], segments: dict[str, dict[str, Any]]) -> int:
-        progress = Progress(len(trials), self.jobs, quiet=self.quiet)
+        stops = {k: v["stop_at"] for k, v in segments.items() if v.get("stop_at")}
+        # a context: the live display ends however the loop does (Ctrl-C, an error)
+        with Progress(len(trials), self.jobs, quiet=self.quiet, stops=stops) as progress:
 
-        def on_start(t: Trial) -> None:
-            self.store.mark_running(t.id)
-            progress.start(t)
+            def on_start(t: Trial) -> None:
+                self.store.mark_running(t.id)
+                progress.start(t)
 
-        ctx = RunContext(
-            out_dir=self.out,
-            cache_root=self.out / "cache",
-            name=self.name,
-            on_start=on_start,
-            on_progress=progress.progress,
-            segments={k: v for k, v in segments.items() if any(v.values())},
-            extra={"data_fingerprint": self.fingerprint} if self.fingerprint else {},
-        )
-        n = 0
-        for result in self.backend.run(trials, ctx):
-            self.record(result, resumed=bool(ctx.segments.get(result.trial_id, {}).get(
-                "resume_from")))  # fmt: skip
-            progress.finish(result)
-            n += 1
+            ctx = RunContext(
+                out_dir=self.out,
+                cache_root=self.out / "cache",
+                name=self.name,
+                on_start=on_start,
+                on_progress=progress.progress,
+                segments={k: v for k, v in segments.items() if any(v.values())},
+                extra={"data_fingerprint": self.fingerprint} if self.fingerprint else {},
+            )
+            n = 0
+            for result in self.backend.run(trials, ctx):
+                self.record(result, resumed=bool(ctx.segments.get(result.trial_id, {}).get(
+                    "resume_from")))  # fmt: skip
+                progress.finish(result)
+                n += 1
         return n
 
     def record(self, result: TrialResult, resumed: bool) -> None:

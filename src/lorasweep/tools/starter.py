@@ -10,9 +10,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorasweep.training.models import ModelError, infer_task, load_config
+from lorasweep.training.models import BUILTIN_MODELS, ModelError, infer_task, load_config
+from lorasweep.training.sources import BUILTIN_DATASETS
 
 TASKS = ("classification", "causal-lm")
+# the task of every builtin model and data source (a test checks that none is missing)
+BUILTIN_TASKS = {
+    "builtin:minilm-l6": "classification",
+    "builtin:smollm2-135m": "causal-lm",
+    "builtin:rotten-tomatoes": "classification",
+    "builtin:imdb": "classification",
+    "builtin:shakespeare": "causal-lm",
+    "builtin:shakespeare-instruct": "causal-lm",
+}
+
+
+def builtins_lines() -> list[str]:
+    """The builtin models and data by task, for ``init``'s help and its starter spec:
+    ``builtin models: builtin:minilm-l6 (classification), builtin:smollm2-135m (causal-lm)``."""
+    lines = []
+    for what, names in (("models", BUILTIN_MODELS), ("data", BUILTIN_DATASETS)):
+        by_task: dict[str, list[str]] = {}
+        for name in names:
+            by_task.setdefault(BUILTIN_TASKS.get(name, "any task"), []).append(name)
+        parts = [f"{', '.join(ns)} ({task})" for task, ns in by_task.items()]
+        lines.append(f"builtin {what}: " + "; ".join(parts))
+    return lines
 
 
 class StarterError(ValueError):
@@ -70,8 +93,9 @@ def starter_spec(model: str, task: str | None = None) -> str:
         if config is None:
             target_note = f"every attention projection (config not readable: {why})"
     body = _CLASSIFICATION if task == "classification" else _CAUSAL
-    return _HEADER.format(model=model, task=task, task_note=task_note) + body.format(
-        model=model, target_line=target_line, target_note=target_note
+    builtins = "".join(f"# {line}\n" for line in builtins_lines())
+    return _HEADER.format(model=model, task=task, task_note=task_note, builtins=builtins) + (
+        body.format(model=model, target_line=target_line, target_note=target_note)
     )
 
 
@@ -85,7 +109,7 @@ _HEADER = """\
 # Run it:        lorasweep run sweep.yaml --out runs/my-sweep
 # Every key, its default and its meaning: docs/spec.md. Keys left out take their defaults.
 # task: {task}, {task_note}
-"""
+{builtins}"""
 
 _CLASSIFICATION = """\
 name: my-sweep

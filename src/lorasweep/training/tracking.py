@@ -6,10 +6,14 @@ three things they do not:
 1. ``configure`` sets, before the Trainer is built, what groups the runs of a sweep: the W&B
    group and project, the MLflow experiment, and a TensorBoard folder per run (the Trainer's
    default is inside its ``output_dir``, which lorasweep deletes after every trial).
+   It also silences W&B's own lines (a banner per run), unless ``WANDB_SILENT`` or
+   ``WANDB_QUIET`` is set.
 2. ``log_final_metrics`` sends lorasweep's own results (accuracy, F1, perplexity, times, memory:
    computed outside ``Trainer.evaluate``, so the Trainer never logs them) to the same run, as
-   ``final/<name>``, and closes what the Trainer left open (a W&B run stays open after training,
-   and the next in-process trial would log into it).
+   ``final/<name>``, with the trial's configuration (``trial_params``: rank, alpha, variant,
+   seed, the grid's settings, ...) as first-class MLflow params, W&B config and TensorBoard
+   hparams, and closes what the Trainer left open (a W&B run stays open after training, and the
+   next in-process trial would log into it).
 3. ``check_tracking`` finds set-up problems before any trial runs, one line each.
 
 Tracking never fails a trial: ``log_final_metrics`` warns and goes on when a tracker errs.
@@ -22,6 +26,7 @@ for a file store); TensorBoard always writes local event files.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -29,10 +34,17 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lorasweep.records import Trial
 
 INTEGRATIONS = ("wandb", "mlflow", "tensorboard")
 PREFIX = "final/"
+# where a configuration key is logged when the Trainer's MLflowCallback already logged that name
+# with another value (MLflow params are immutable)
+PARAM_PREFIX = "lorasweep."
+ParamValue = str | int | float | bool
 # values configure() set, so a later sweep in the same process replaces them (a user's own
 # value, set before, is kept)
 _SET: dict[str, str] = {}
@@ -114,7 +126,78 @@ def configure(
         env["TENSORBOARD_LOGGING_DIR"] = str(path)
     os.environ.update(env)
     _SET.update(env)
+    if "wandb" in names:
+        _wandb_setup()
     return env
+
+
+def _wandb_setup() -> None:
+    """W&B's process-wide settings: no banner and summary panel after every trial (they would
+    bury lorasweep's own lines) unless the user chose (``WANDB_SILENT`` / ``WANDB_QUIET`` set),
+    and the sweep's group. Passed as settings, not only the environment: once W&B is set up in a
+    process (an earlier sweep, a notebook) it ignores a changed environment."""
+    overrides: dict[str, Any] = {}
+    if "WANDB_SILENT" not in os.environ and "WANDB_QUIET" not in os.environ:
+        overrides["silent"] = True
+    if os.environ.get("WANDB_RUN_GROUP"):
+        overrides["run_group"] = os.environ["WANDB_RUN_GROUP"]
+    try:
+        import wandb
+
+        wandb.setup(settings=wandb.Settings(**overrides))
+    except Exception as e:  # noqa: BLE001 - tracking never fails a trial
+        warnings.warn(f"wandb: settings not applied: {e}", stacklevel=3)
+
+
+def _plain(value: Any) -> ParamValue:
+    """A value every tracker takes: numbers, strings and booleans as they are, ``None`` as
+    ``-``, a list as ``a,b``, anything else as its text."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _default_learning_rate() -> float:
+    from transformers import TrainingArguments
+
+    return TrainingArguments.__dataclass_fields__["learning_rate"].default
+
+
+def trial_params(trial: Trial, sweep: str) -> dict[str, ParamValue]:
+    """A trial's configuration as flat tracker parameters (MLflow params, W&B config,
+    TensorBoard hparams), so runs can be filtered and compared by rank.
+
+    ``rank`` (the AdaLoRA target rank; ``-`` for a rank pattern), ``alpha``, ``alpha_policy``,
+    ``scale``, ``method``, ``variant``, ``learning_rate``, every setting the grid or search
+    varies (``trial.point``, e.g. ``dropout``), ``seed``, ``sweep``, ``trial_id``,
+    ``target_modules`` and ``quantization`` when set. A point setting of the same name as a
+    resolved one (``alpha: 2*rank`` on a grid) gives way to it (``alpha_policy`` keeps the
+    policy).
+    """
+    ad = trial.config.get("adapter") or {}
+    training = trial.config.get("training") or {}
+    lr = training.get("learning_rate")
+    params = {str(k): _plain(v) for k, v in trial.point.items()}
+    params.update(
+        rank=_plain(trial.rank),
+        alpha=_plain(ad.get("alpha")),
+        alpha_policy=_plain(ad.get("alpha_policy")),
+        scale=_plain(ad.get("scale")),
+        method=_plain(ad.get("method", "lora")),
+        variant=trial.variant,
+        learning_rate=_plain(_default_learning_rate() if lr is None else lr),
+        seed=trial.seed,
+        sweep=sweep,
+        trial_id=trial.id,
+        target_modules=_plain(ad.get("target_modules") or "default"),
+    )
+    if ad.get("quantization"):
+        params["quantization"] = _plain(ad["quantization"])
+    return params
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -137,9 +220,11 @@ def log_final_metrics(
     status: str | None = None,
     step: int | None = None,
     tags: Mapping[str, str] | None = None,
+    params: Mapping[str, ParamValue] | None = None,
     tensorboard_root: str | Path | None = None,
 ) -> list[str]:
-    """Log a trial's final metrics as ``final/<name>`` to its tracker runs and close them.
+    """Log a trial's final metrics as ``final/<name>`` and its configuration to its tracker
+    runs, and close them.
 
     Call once per trial after lorasweep's evaluation (also for a failed trial, with what was
     measured and its ``status``). Non-numeric and non-finite values are skipped. Never raises;
@@ -152,6 +237,8 @@ def log_final_metrics(
         status: the trial status (complete, failed, ...), recorded as a tag / summary value.
         step: the step to log at (default: the last training step, if known, else 0).
         tags: extra string tags (MLflow tags, W&B summary values), e.g. the trial id.
+        params: the trial's configuration (``trial_params``): MLflow params, W&B config,
+            TensorBoard hparams linked to the final metrics.
         tensorboard_root: the folder given to ``configure``; default ``TENSORBOARD_LOGGING_DIR``.
     """
     values = {PREFIX + k: v for k, v in _numeric(metrics).items()}
@@ -160,15 +247,16 @@ def log_final_metrics(
     all_tags = {"lorasweep.run_name": run_name, **(tags or {})}
     if status is not None:
         all_tags["lorasweep.status"] = status
+    config = {k: _plain(v) for k, v in (params or {}).items()}
     done = []
     for name in active(report_to):
         try:
             if name == "mlflow":
-                ok = _mlflow(run_name, values, step, all_tags)
+                ok = _mlflow(run_name, values, step, all_tags, config)
             elif name == "tensorboard":
-                ok = _tensorboard(run_name, values, step, tensorboard_root)
+                ok = _tensorboard(run_name, values, step, tensorboard_root, config, status)
             else:
-                ok = _wandb(run_name, values, step, all_tags)
+                ok = _wandb(run_name, values, step, all_tags, config)
         except Exception as e:  # noqa: BLE001 - tracking never fails a trial
             warnings.warn(f"{name}: final metrics not logged: {e}", stacklevel=2)
             ok = False
@@ -177,7 +265,13 @@ def log_final_metrics(
     return done
 
 
-def _mlflow(run_name: str, values: dict[str, float], step: int, tags: dict[str, str]) -> bool:
+def _mlflow(
+    run_name: str,
+    values: dict[str, float],
+    step: int,
+    tags: dict[str, str],
+    params: dict[str, ParamValue],
+) -> bool:
     import mlflow
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
@@ -211,6 +305,10 @@ def _mlflow(run_name: str, values: dict[str, float], step: int, tags: dict[str, 
         tags=[RunTag(k, str(v)) for k, v in tags.items()],
         synchronous=True,
     )
+    try:
+        _mlflow_params(client, run_id, params)
+    except Exception as e:  # noqa: BLE001 - the metrics are in; the run must still be closed
+        warnings.warn(f"mlflow: trial parameters not logged: {e}", stacklevel=3)
     # a trial that failed inside trainer.train() leaves its run active: close it, or the next
     # in-process trial would log into it
     if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run_id:
@@ -219,8 +317,38 @@ def _mlflow(run_name: str, values: dict[str, float], step: int, tags: dict[str, 
     return True
 
 
+def _mlflow_params(client: Any, run_id: str, params: dict[str, ParamValue]) -> None:
+    """Log the trial's configuration as params of its run under their plain names
+    (``params.rank = '4'``). MLflow params are immutable and the Trainer's MLflowCallback
+    already logged its TrainingArguments and the model's config: a name it logged with the same
+    value is skipped, one it logged with another value goes under ``lorasweep.<name>``."""
+    import mlflow
+    from mlflow.entities import Param
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    if not params:
+        return
+    with contextlib.suppress(Exception):  # the Trainer logs its params asynchronously
+        mlflow.flush_async_logging()
+    logged = client.get_run(run_id).data.params
+    batch = []
+    for key, v in params.items():
+        value = str(v)[:MAX_PARAM_VAL_LENGTH]
+        if logged.get(key, value) != value:
+            key = PARAM_PREFIX + key
+        if logged.get(key) != value:
+            batch.append(Param(key, value))
+    if batch:
+        client.log_batch(run_id, params=batch, synchronous=True)
+
+
 def _tensorboard(
-    run_name: str, values: dict[str, float], step: int, root: str | Path | None
+    run_name: str,
+    values: dict[str, float],
+    step: int,
+    root: str | Path | None,
+    params: dict[str, ParamValue] | None = None,
+    status: str | None = None,
 ) -> bool:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -235,12 +363,66 @@ def _tensorboard(
     try:
         for k, v in values.items():
             writer.add_scalar(k, v, step)
+        if params:
+            for summary in _hparams_summaries(params, status):
+                writer.file_writer.add_summary(summary, step)
     finally:
         writer.close()
     return True
 
 
-def _wandb(run_name: str, values: dict[str, float], step: int, tags: dict[str, str]) -> bool:
+def _hparams_summaries(params: dict[str, ParamValue], status: str | None) -> list[Any]:
+    """The HParams plugin's session start and end, for the run folder that also holds the
+    Trainer's curves and the ``final/`` scalars: the HParams dashboard then lists one session
+    per trial with its configuration and metrics (all of its scalars).
+
+    No experiment summary: without one, the dashboard builds the experiment from all sessions
+    (the union of their parameters); with one per trial it would take an arbitrary trial's."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import api_pb2, metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import (
+        HParamsPluginData,
+        SessionEndInfo,
+        SessionStartInfo,
+    )
+
+    now = time.time()
+    start = SessionStartInfo(start_time_secs=now)
+    for k, v in params.items():
+        if isinstance(v, bool):
+            start.hparams[k].bool_value = v
+        elif isinstance(v, int | float):
+            start.hparams[k].number_value = float(v)
+        else:
+            start.hparams[k].string_value = str(v)
+    ok = status in (None, "complete", "pending")  # pending: paused at a pruning rung
+    end = SessionEndInfo(
+        status=api_pb2.STATUS_SUCCESS if ok else api_pb2.STATUS_FAILURE, end_time_secs=now
+    )
+    return [
+        Summary(
+            value=[
+                Summary.Value(
+                    tag=tag,
+                    metadata=metadata.create_summary_metadata(data),
+                    tensor=metadata.NULL_TENSOR,
+                )
+            ]
+        )
+        for tag, data in (
+            (metadata.SESSION_START_INFO_TAG, HParamsPluginData(session_start_info=start)),
+            (metadata.SESSION_END_INFO_TAG, HParamsPluginData(session_end_info=end)),
+        )
+    ]
+
+
+def _wandb(
+    run_name: str,
+    values: dict[str, float],
+    step: int,
+    tags: dict[str, str],
+    params: dict[str, ParamValue] | None = None,
+) -> bool:
     import wandb
 
     run = wandb.run
@@ -252,6 +434,8 @@ def _wandb(run_name: str, values: dict[str, float], step: int, tags: dict[str, s
             return False
         run.summary.update({**values, **tags})
         run.log(values)
+        if params:  # top-level keys (the Trainer's own config has the rank only in peft_config)
+            run.config.update(params, allow_val_change=True)
         return True
     finally:
         failed = tags.get("lorasweep.status") not in (None, "complete")

@@ -138,6 +138,7 @@ def train_trial(
                 result.metrics,
                 status=result.status.value,
                 tags={"lorasweep.trial_id": trial.id, **_point_tags(trial)},
+                params=tracking.trial_params(trial, context.get("name", "sweep")),
                 tensorboard_root=_tensorboard_root(workdir, context),
             )
         shutil.rmtree(workdir / "hf", ignore_errors=True)
