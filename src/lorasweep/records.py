@@ -84,6 +84,18 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "train_loss": False,
 }
 HIGHER_IS_BETTER.update(test_accuracy=True, test_f1=True, test_perplexity=False, test_loss=False)
+# parts of a column name that mean lower is better (a metric the tool does not know)
+LOWER_HINTS = ("loss", "perplexity", "ppl", "nll", "error", "seconds", "bytes", "time")
+
+
+def guess_direction(metric: str) -> tuple[str, bool]:
+    """("higher" | "lower", guessed?): the metric's known direction, else one guessed from its
+    name (``LOWER_HINTS``)."""
+    if metric in HIGHER_IS_BETTER:
+        return ("higher" if HIGHER_IS_BETTER[metric] else "lower"), False
+    lower = any(h in metric.lower() for h in LOWER_HINTS)
+    return ("lower" if lower else "higher"), True
+
 
 # Eval metrics each task's evaluation produces (each with an eval_<metric> curve). The first is
 # the task's default metric: what ``stats.analyze`` compares, the pruning rungs test and the
@@ -351,7 +363,11 @@ def varying_settings(configs: list[Mapping[str, Any]]) -> dict[str, str]:
     """Setting columns for the trials of one table: flattened key -> column name, for every
     setting whose value differs between ``configs``. The column is the key's last part
     (``training.learning_rate`` -> ``learning_rate``), the full key where two would clash."""
-    flat = [settings_of(c) for c in configs]
+    return setting_columns([settings_of(c) for c in configs])
+
+
+def setting_columns(flat: list[Mapping[str, Any]]) -> dict[str, str]:
+    """``varying_settings`` of configs already flattened by ``settings_of``."""
     keys: dict[str, set[str]] = {}
     for f in flat:
         for k, v in f.items():

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lorasweep.records import Trial, TrialResult, TrialStatus, settings_of, varying_settings
+from lorasweep.records import Trial, TrialResult, TrialStatus, setting_columns, settings_of
 
 DB_NAME = "lorasweep.db"
 _FINISHED = tuple(s.value for s in TrialStatus if s.finished)
@@ -254,8 +254,9 @@ class Store:
                 end["train_loss_end"] = r["value"]
         rows = []
         trials = self.trials() if trials is None else trials
-        settings = varying_settings([t["config"] for t in trials])
-        for t in trials:
+        flats = [settings_of(t["config"]) for t in trials]  # flattened once per trial
+        settings = setting_columns(flats)
+        for t, flat in zip(trials, flats):
             ad = t["config"].get("adapter", {})
             row = {
                 "trial_id": t["id"],
@@ -272,7 +273,6 @@ class Store:
             for c in CONFIG_COLUMNS:
                 v = ad.get(c)
                 row[c] = ",".join(v) if isinstance(v, list) else v
-            flat = settings_of(t["config"])
             for key, column in settings.items():
                 if column not in row:  # rank, method, alpha_policy... are columns already
                     v = flat.get(key)
@@ -286,9 +286,9 @@ class Store:
             rows.append(row)
         frame = pd.DataFrame(rows)
         by_variant: dict[str, list[dict[str, Any]]] = {}
-        for t in trials:
-            by_variant.setdefault(t["variant"], []).append(t["config"])
-        swept = {k for cs in by_variant.values() for k in varying_settings(cs)}  # grid axes
+        for t, flat in zip(trials, flats):
+            by_variant.setdefault(t["variant"], []).append(flat)
+        swept = {k for fs in by_variant.values() for k in setting_columns(fs)}  # grid axes
         frame.attrs["settings"] = list(dict.fromkeys(c for k, c in settings.items() if k in swept))
         return frame
 

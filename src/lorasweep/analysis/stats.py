@@ -50,9 +50,9 @@ from lorasweep.analysis.tables import (
 from lorasweep.analysis.text import format_analysis
 from lorasweep.analysis.units import fmt_num  # noqa: F401 - re-exported (stats.fmt_num)
 from lorasweep.records import (
-    HIGHER_IS_BETTER,
     TEST_PREFIX,
     default_metric,
+    guess_direction,
     selection_metric,
     test_metric,
 )
@@ -87,7 +87,6 @@ _DIRECTIONS = {
     "min": "lower",
     "minimize": "lower",
 }
-_LOWER_HINTS = ("loss", "perplexity", "ppl", "error", "seconds", "bytes", "time")
 
 
 # ----------------------------------------------------------------------------- choices
@@ -126,10 +125,7 @@ def _choose_direction(metric: str, direction: str | None) -> tuple[str, bool]:
         if d is None:
             raise ValueError(f"direction: {direction!r} must be 'higher' or 'lower'")
         return d, False
-    if metric in HIGHER_IS_BETTER:
-        return ("higher" if HIGHER_IS_BETTER[metric] else "lower"), False
-    lower = any(h in metric.lower() for h in _LOWER_HINTS)
-    return ("lower" if lower else "higher"), True
+    return guess_direction(metric)
 
 
 def resolve_metric(trials: pd.DataFrame, metric: str | None = None) -> str:

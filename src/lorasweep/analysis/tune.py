@@ -27,9 +27,7 @@ import pandas as pd
 from lorasweep.analysis.compare import json_scalar, key_scalar
 from lorasweep.analysis.explain import group_label
 from lorasweep.analysis.settings import readable, value_text
-from lorasweep.records import HIGHER_IS_BETTER, TEST_PREFIX, selection_metric
-
-_LOWER_HINTS = ("loss", "perplexity", "ppl", "error", "nll")
+from lorasweep.records import TEST_PREFIX, guess_direction, selection_metric
 
 
 def tune_option(tune: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -80,10 +78,9 @@ def resolve_select_on(df: pd.DataFrame, metric: str, select_on: str | None) -> t
 def select_direction(select_on: str, metric: str, direction: str) -> str:
     """The direction of ``select_on``: its own when known (``HIGHER_IS_BETTER``), "lower" for a
     loss-like name, else the metric's (``val_accuracy`` for ``test_accuracy``)."""
-    if select_on in HIGHER_IS_BETTER:
-        return "higher" if HIGHER_IS_BETTER[select_on] else "lower"
-    if select_on != metric and any(h in select_on.lower() for h in _LOWER_HINTS):
-        return "lower"
+    guessed, assumed = guess_direction(select_on)
+    if not assumed or (select_on != metric and guessed == "lower"):
+        return guessed
     return direction
 
 
