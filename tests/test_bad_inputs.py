@@ -286,7 +286,7 @@ CASES = [
         "target-modules-all",
         _set("lora.target_modules", "all"),
         "lora.target_modules: 'all' is not a module name or a target group (attention, mlp, "
-        "all-linear); did you mean all-linear?",
+        "experts, all-linear); did you mean all-linear?",
     ),
     Case("task-unknown", _set("task", "regression"), "task: Input should be 'classification'"),
     Case(

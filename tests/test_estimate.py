@@ -145,6 +145,9 @@ PUBLIC_PARAMS = {
     "mistral-7b": 7.24e9,
     "llama-3-8b": 8.03e9,
     "llama-2-7b": 6.74e9,
+    "llama-3.2-1b": 1.24e9,
+    "llama-3.2-3b": 3.21e9,
+    "mixtral-8x7b": 46.7e9,
     "qwen2.5-7b": 7.62e9,
     "gemma-2-9b": 9.24e9,
     "phi-3-mini": 3.82e9,
@@ -219,7 +222,7 @@ def test_memory_parts_behave() -> None:
             ("base", "lora", "gradient", "optimizer", "activation", "overhead")
             and "checkpointing" not in k
         )  # fmt: skip
-    assert lora[0]["fits"]["A100 80GB"] and not lora[0]["fits"]["RTX 3090"]
+    assert lora[0]["fits"]["80 GB"] and not lora[0]["fits"]["24 GB"]
 
 
 def test_outputs(tmp_path) -> None:
@@ -232,3 +235,29 @@ def test_outputs(tmp_path) -> None:
     assert "builtin:minilm-l6" in table and "\n   2 " in table
     out = plot_estimate(result, tmp_path / "mem.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_qlora_base_and_saved_inputs_follow_bitsandbytes(tmp_path) -> None:
+    """NF4 for nn.Linear layers only (what transformers' bitsandbytes integration converts), the
+    rest fp32; bitsandbytes before 0.43.2 also kept each 4-bit layer's input for backward."""
+    path, cfg = _save("llama", tmp_path)
+    kw = dict(ranks=[8], targets="all-linear", batch=2, seq=16, variant="qlora")
+    old = estimate(path, qlora_saved_inputs=True, **kw).rows[0]
+    new = estimate(path, qlora_saved_inputs=False, **kw)
+    model = AutoModelForCausalLM.from_config(cfg)
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n)  # fmt: skip
+    base = sum(p.numel() for p in model.parameters())
+    assert new.rows[0]["base_weights_bytes"] == int(linear * (0.5 + 4 / 64)) + (base - linear) * 4
+    assert new.assumptions["qlora_saved_inputs"] is False
+    t, h, layers = 2 * 16, cfg.hidden_size, cfg.num_hidden_layers
+    extra = layers * t * (2 * h + cfg.num_attention_heads * (h // 4) + cfg.intermediate_size) * 2
+    assert old["activation_bytes"] - new.rows[0]["activation_bytes"] == extra
+
+
+def test_mixtral_qlora_keeps_its_fused_experts_unquantized() -> None:
+    result = estimate("mixtral-8x7b", ranks=[8], targets="attention", variant="qlora")
+    experts = 32 * 8 * 3 * 4096 * 14336  # layers x experts x (gate, up, down) x hidden x inter
+    assert result.rows[0]["base_weights_bytes"] > 4 * experts
+    assert any("45.10B fused expert weights stay unquantized" in n for n in result.notes)
+    assert estimate("mixtral-8x7b", ranks=[8], targets="attention").notes == []

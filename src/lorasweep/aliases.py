@@ -180,7 +180,8 @@ def _all_linear(where: str, value: Any) -> list[str]:
     """A line per ``all`` among target_modules values (a string, or a list of names)."""
     items = value if isinstance(value, list) else [value]
     return [
-        f"{where}: {v!r} is not a module name or a target group (attention, mlp, all-linear); "
+        f"{where}: {v!r} is not a module name or a target group (attention, mlp, experts, "
+        "all-linear); "
         "did you mean all-linear?"
         for v in items
         if isinstance(v, str) and v.strip().lower() in ALL_LINEAR

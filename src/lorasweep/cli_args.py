@@ -225,8 +225,14 @@ def _estimate_command(sub: Any) -> None:
     s.add_argument(
         "--targets",
         default=None,
-        help="attention, mlp, all-linear, or module-name suffixes, comma separated (default: "
-        "peft's default for the model type)",
+        help="attention, mlp, experts, language, vision, all-linear, or module-name suffixes, "
+        "comma separated (default: peft's default for the model type)",
+    )
+    s.add_argument(
+        "--rank-pattern",
+        default=None,
+        metavar="GROUP=RANK,...",
+        help="per-group ranks instead of --ranks, e.g. attention=8,mlp=16",
     )
     s.add_argument(
         "--variant",
@@ -236,9 +242,9 @@ def _estimate_command(sub: Any) -> None:
     )
     s.add_argument(
         "--task",
-        choices=["causal-lm", "classification"],
+        choices=["causal-lm", "classification", "seq2seq", "image-text-to-text"],
         default=None,
-        help="the task (default: from the model's config)",
+        help="the model class (default: from the model's config)",
     )
     s.add_argument("--batch", type=int, default=1, help="sequences per step (default: %(default)s)")
     s.add_argument(
@@ -258,6 +264,23 @@ def _estimate_command(sub: Any) -> None:
     )
     s.add_argument(
         "--gradient-checkpointing", action="store_true", help="activations recomputed, not kept"
+    )
+    s.add_argument(
+        "--dropout", default="0.05", help="lora_dropout, its masks count (default: %(default)s)"
+    )
+    s.add_argument(
+        "--double-quant", action="store_true", help="qlora: double quantization of the constants"
+    )
+    s.add_argument(
+        "--gpus",
+        default="16,24,40,48,80,141",
+        metavar="GB,... or NAME=GB,...",
+        help="the cards of the fits column, memory in GiB (default: %(default)s)",
+    )
+    s.add_argument(
+        "--margin",
+        default="10%",
+        help="a card fits when the estimate plus this share of it fits (default: %(default)s)",
     )
     s.add_argument("--plot", default=None, help="write the memory-vs-rank PNG here")
     s.add_argument("--json", action="store_true", help="the estimate as JSON")

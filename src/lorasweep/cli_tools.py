@@ -21,9 +21,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     for flag, v in (("--batch", args.batch), ("--seq", args.seq)):
         if v < 1:
             raise UserError(f"{flag}: must be a positive integer, got {v}")
+    if args.rank_pattern and args.targets:
+        raise UserError("--targets: --rank-pattern names its own layers; give one of them")
     targets: Any = args.targets
-    if targets and targets not in ("attention", "mlp", "all-linear", "default"):
-        targets = [t for t in targets.split(",") if t]
+    if targets and "," in targets:
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
     result = estimate(
         args.model,
         ranks=ranks,
@@ -35,6 +37,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         gradient_checkpointing=args.gradient_checkpointing,
         task=args.task,
+        lora_dropout=_fraction("--dropout", args.dropout, upper=1.0),
+        double_quant=args.double_quant,
+        gpus=_gpus(args.gpus),
+        margin=_fraction("--margin", args.margin, upper=1.0),
+        rank_pattern=_rank_pattern(args.rank_pattern),
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
     if args.plot:
@@ -42,6 +49,48 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"Plot: {args.plot}")
     return 0
+
+
+def _fraction(flag: str, text: str, upper: float) -> float:
+    """``0.1`` or ``10%`` -> 0.1, in [0, upper); one line naming the option otherwise."""
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < upper:  # also NaN
+        raise UserError(f"{flag}: must be a number in [0, {upper:g}) or a percentage, got {text!r}")
+    return value
+
+
+def _gpus(text: str) -> dict[str, float]:
+    """``16,24`` or ``A10G=22.5,H100=80`` -> name -> GiB."""
+    out: dict[str, float] = {}
+    for item in (x.strip() for x in text.split(",")):
+        name, _, gib = item.rpartition("=")
+        try:
+            value = float(gib)
+        except ValueError:
+            value = float("nan")
+        if not item or not value > 0 or value == float("inf"):
+            raise UserError(f"--gpus: {item!r} is not a memory in GiB or NAME=GiB (got {text!r})")
+        out[name.strip() or f"{value:g} GB"] = value
+    return out
+
+
+def _rank_pattern(text: str | None) -> dict[str, int] | None:
+    """``attention=8,mlp=16`` -> {"attention": 8, "mlp": 16}."""
+    if text is None:
+        return None
+    out: dict[str, int] = {}
+    for item in (x.strip() for x in text.split(",")):
+        key, _, rank = item.partition("=")
+        if not key.strip() or not rank.strip().isdigit() or int(rank) < 1:
+            raise UserError(
+                f"--rank-pattern: {item!r} is not GROUP=RANK with a positive rank (got {text!r})"
+            )
+        out[key.strip()] = int(rank)
+    return out
 
 
 def _positive_ints(flag: str, text: str) -> list[int]:

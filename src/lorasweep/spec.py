@@ -152,7 +152,7 @@ class AdapterSpec(_Strict):
     "rslora:<alpha>"."""
     dropout: float | None = Field(None, ge=0, lt=1)
     target_modules: list[str] | str | None = None
-    """module-name suffixes, or a group: attention, mlp, all-linear."""
+    """module-name suffixes, or a group: attention, mlp, experts, all-linear."""
     rank_pattern: dict[str, int] | None = None
     """per group (attention, mlp) or per module suffix: rank. Standalone variant."""
     alpha_pattern: dict[str, float] | None = None

@@ -10,8 +10,8 @@ from lorasweep.records import Trial
 def estimate_peaks(trials: list[Trial]) -> dict[str, float]:
     """The estimator's predicted peak memory of each trial (meta device, no weights), so the
     report can set it against the measured peak. One estimate call per configuration group
-    (all ranks at once); variants the estimator does not model (AdaLoRA, rank patterns) and any
-    failure are skipped: an estimate is extra information, never a reason to stop."""
+    (all ranks at once); AdaLoRA, which the estimator does not model, and any failure are
+    skipped: an estimate is extra information, never a reason to stop."""
     from lorasweep.tools.estimate import estimate
     from lorasweep.training.models import pick_device
 
@@ -19,7 +19,7 @@ def estimate_peaks(trials: list[Trial]) -> dict[str, float]:
     groups: dict[str, list[Trial]] = {}
     for t in trials:
         ad = t.config["adapter"]
-        if ad["method"] == "adalora" or ad.get("rank_pattern"):
+        if ad["method"] == "adalora":
             continue
         key = json.dumps({**t.config, "adapter": {**ad, "r": None}}, sort_keys=True, default=str)
         groups.setdefault(key, []).append(t)
@@ -43,11 +43,14 @@ def estimate_peaks(trials: list[Trial]) -> dict[str, float]:
                 gradient_checkpointing=bool(training.get("gradient_checkpointing", False)),
                 device="cpu" if device != "cuda" else "cuda",
                 lora_dropout=float(ad.get("dropout") or 0.0),
+                rank_pattern=ad.get("rank_pattern") or None,
             )
         except Exception:  # noqa: BLE001 - see docstring
             continue
         by_rank = {row["rank"]: float(row["total_bytes"]) for row in res.rows}
         for t in members:
-            if t.config["adapter"]["r"] in by_rank:
+            if ad.get("rank_pattern"):  # one row: the pattern fixes every layer's rank
+                out[t.id] = by_rank[None]
+            elif t.config["adapter"]["r"] in by_rank:
                 out[t.id] = by_rank[t.config["adapter"]["r"]]
     return out

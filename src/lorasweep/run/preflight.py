@@ -217,9 +217,16 @@ def check_model(spec: SweepSpec, device: str = "cpu") -> list[str]:
             own = not spec.variants or "target_modules" in v.model_fields_set
             where = f"{key}.target_modules" if own else "lora.target_modules"
             try:
-                resolve_targets(meta, tm)
+                resolved = resolve_targets(meta, tm)
             except ValueError as e:
                 errors.append(f"{where}: {e}")
+            else:
+                if resolved.target_parameters and ad.get("dropout"):
+                    errors.append(
+                        f"{key}.dropout: peft adapts fused expert weights "
+                        f"({', '.join(resolved.target_parameters)}) only without dropout: "
+                        f"set dropout: 0 (got {ad['dropout']})"
+                    )
         if ad.get("rank_pattern"):
             try:
                 rank_pattern_for_groups(meta, ad["rank_pattern"], ad.get("alpha_pattern"))

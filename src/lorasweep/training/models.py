@@ -105,6 +105,9 @@ SHIPPED = {
     "mistral-7b": ["mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1"],
     "llama-3-8b": ["meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct"],
     "llama-2-7b": ["meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf"],
+    "llama-3.2-1b": ["meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct"],
+    "llama-3.2-3b": ["meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.2-3B-Instruct"],
+    "mixtral-8x7b": ["mistralai/Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x7B-Instruct-v0.1"],
     "qwen2.5-7b": ["Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct"],
     "gemma-2-9b": ["google/gemma-2-9b", "google/gemma-2-9b-it"],
     "phi-3-mini": ["microsoft/Phi-3-mini-4k-instruct"],
@@ -169,7 +172,7 @@ def _from_pretrained(ref: str, path: str, shipped: bool) -> Any:
     except Exception as e:  # noqa: BLE001 - OSError offline or unknown id, ValueError odd config
         hint = f" (shipped: {', '.join(SHIPPED)})" if shipped else ""
         raise ModelError(
-            f"model: cannot get the config of {ref!r}{hint}: {_first_line(e)}"
+            f"model: cannot get the config of {ref!r}{hint}: {first_line(e)}"
         ) from None
 
 
@@ -216,7 +219,7 @@ def infer_task(config: Any) -> str | None:
     return None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
@@ -238,7 +241,7 @@ def load_tokenizer(ref: str) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
-        raise ModelError(f"model: cannot load the tokenizer of {ref!r}: {_first_line(e)}") from None
+        raise ModelError(f"model: cannot load the tokenizer of {ref!r}: {first_line(e)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -272,7 +275,7 @@ def load_model(
     try:
         model = cls.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise ModelError(f"model: cannot load {ref!r}: {_first_line(e)}") from None
+        raise ModelError(f"model: cannot load {ref!r}: {first_line(e)}") from None
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     if quantization == "4bit" and device == "cpu":

@@ -10,12 +10,12 @@ from transformers import TrainingArguments
 from lorasweep.plan import adalora_schedule, planned_steps
 
 
-def _resolved_targets(model: Any, targets: Any) -> Any:
+def _resolved_targets(model: Any, targets: Any) -> dict[str, Any]:
     if targets is None:
-        return None  # peft's default for the architecture
+        return {"target_modules": None}  # peft's default for the architecture
     from lorasweep.training.targets import resolve_targets
 
-    return resolve_targets(model, targets).target_modules
+    return resolve_targets(model, targets).peft_kwargs()
 
 
 def build_peft_config(model: Any, ad: dict[str, Any], task: str, total_steps: int) -> Any:
@@ -42,20 +42,22 @@ def build_peft_config(model: Any, ad: dict[str, Any], task: str, total_steps: in
             deltaT=delta_t,
             orth_reg_weight=ad["orth_reg_weight"],
             total_step=total_steps,
-            target_modules=_resolved_targets(model, ad["target_modules"]),
+            **_resolved_targets(model, ad["target_modules"]),
             **common,
         )
-    target_modules = _resolved_targets(model, ad["target_modules"])
     rank_pattern, alpha_pattern = ad.get("rank_pattern"), ad.get("alpha_pattern")
-    if rank_pattern:
+    if rank_pattern:  # the pattern names the layers: target_modules do not apply
         from lorasweep.training.targets import rank_pattern_for_groups
 
-        target_modules, rank_pattern, alpha_pattern = rank_pattern_for_groups(
+        tm, rank_pattern, alpha_pattern = rank_pattern_for_groups(
             model, rank_pattern, alpha_pattern
         )
+        targets = {"target_modules": tm}
+    else:
+        targets = _resolved_targets(model, ad["target_modules"])
     return LoraConfig(
         r=ad["r"],
-        target_modules=target_modules,
+        **targets,
         rank_pattern=rank_pattern or {},
         alpha_pattern=alpha_pattern or {},
         use_dora=ad["method"] == "dora",

@@ -15,7 +15,11 @@ Llama, Mistral, Qwen2, Gemma2, Phi-3, GPT-2 and OPT:
 - ``mlp``: otherwise a component contains ``mlp``, ``intermediate``, ``ffn``, ``feed_forward``,
   ``moe`` or ``DenseReluDense``, the layer is a known feed-forward leaf (OPT's ``fc1``/``fc2``),
   or it is BERT's ``layer.N.output.dense`` (an ``output`` directly under a layer index);
-- task heads (``classifier``, ``score``, ``lm_head``, ``pooler``, ...) are never targets.
+- ``experts``: the fused mixture-of-experts weights (3-D parameters of a block's ``experts``
+  module, transformers 5), adapted through peft's ``target_parameters``; ``mlp`` includes them;
+- output layers (``classifier``, ``score``, ``lm_head``, ...) are never targets; ``all-linear``
+  alone is passed to peft as its keyword, so it adapts what peft's does (an encoder's pooler,
+  and on Mixtral-style mixture-of-experts models the router and the experts).
 
 peft matching semantics (0.21, read from its source): a list ``target_modules`` matches a module
 when ``name == t`` or ``name.endswith("." + t)``; a string is ``re.fullmatch``-ed; a
@@ -34,15 +38,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-GROUPS = ("attention", "mlp", "all-linear")
+GROUPS = ("attention", "mlp", "experts", "language", "vision", "all-linear")
+# Output layers no LoRA target includes (peft's all-linear also skips the output embeddings and
+# the sequence-classification head); an encoder's pooler is not among them: peft adapts it.
 HEAD_NAMES = frozenset(
-    {"classifier", "score", "lm_head", "pooler", "qa_outputs", "cls", "embed_out", "output_layer"}
+    {"classifier", "score", "lm_head", "qa_outputs", "cls", "embed_out", "output_layer"}
 )
 # peft has no LoRA default for these model types; the same spirit as its q/v defaults.
 _EXTRA_DEFAULTS = {"phi3": ["qkv_proj"]}
 
 _ATTN = re.compile(r"attn|attention", re.IGNORECASE)
 _MLP = re.compile(r"mlp|intermediate|ffn|feed_?forward|moe|densereludense", re.IGNORECASE)
+_VISION = re.compile(r"vision|visual|image|vit$|patch_embed", re.IGNORECASE)
 _MLP_LEAF = re.compile(r"fc\d|fc_in|fc_out|c_fc|lin[12]|dense_h_to_4h|dense_4h_to_h|w[123]")
 
 
@@ -55,14 +62,33 @@ class ResolvedTargets:
             suffixes when suffixes select exactly ``modules``, otherwise one regex string.
         modules: fully qualified names of the targeted linear layers, in model order.
         requested: the targets as given (group names and suffixes).
+        target_parameters: peft ``target_parameters`` (fused mixture-of-experts weights, e.g.
+            ``experts.gate_up_proj``), empty for dense models.
     """
 
     target_modules: list[str] | str
     modules: list[str]
     requested: list[str] = field(default_factory=list)
+    target_parameters: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.modules)
+        return len(self.modules) + len(self.target_parameters)
+
+    def peft_kwargs(self) -> dict:
+        """``target_modules`` and ``target_parameters`` for ``LoraConfig``."""
+        if not self.target_parameters:
+            return {"target_modules": self.target_modules}
+        return {"target_modules": self.target_modules or [],
+                "target_parameters": self.target_parameters}  # fmt: skip
+
+
+# task -> the transformers auto class that builds its model
+AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "classification": "AutoModelForSequenceClassification",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "image-text-to-text": "AutoModelForImageTextToText",
+}
 
 
 def build_meta_model(config, task: str, num_labels: int = 2) -> nn.Module:
@@ -70,19 +96,18 @@ def build_meta_model(config, task: str, num_labels: int = 2) -> nn.Module:
 
     Args:
         config: a ``transformers.PretrainedConfig``.
-        task: ``"classification"`` (AutoModelForSequenceClassification) or ``"causal-lm"``.
+        task: ``"classification"`` (AutoModelForSequenceClassification), ``"causal-lm"``, and
+            for the estimator ``"seq2seq"`` or ``"image-text-to-text"`` (see AUTO_CLASSES).
         num_labels: classes of the classification head.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
+    if task not in AUTO_CLASSES:
+        raise ValueError(f"task must be one of {', '.join(AUTO_CLASSES)}, got {task!r}")
     if task == "classification":
         config = copy.deepcopy(config)
         config.num_labels = num_labels
-        auto = AutoModelForSequenceClassification
-    elif task == "causal-lm":
-        auto = AutoModelForCausalLM
-    else:
-        raise ValueError(f"task must be 'classification' or 'causal-lm', got {task!r}")
+    auto = getattr(transformers, AUTO_CLASSES[task])
     with torch.device("meta"):
         return auto.from_config(config)
 
@@ -148,6 +173,14 @@ def suffix_matches(names: Iterable[str], suffix: str) -> list[str]:
     return [n for n in names if n == suffix or n.endswith("." + suffix)]
 
 
+def tower(name: str) -> str:
+    """``vision`` for a layer of a vision-language model's vision tower (its multimodal projector
+    included), else ``language``."""
+    parts = name.split(".")
+    vision = any(_VISION.search(p) or "projector" in p for p in parts)
+    return "vision" if vision else "language"
+
+
 def short_name(name: str) -> str:
     """The part of a module name after its last numeric component (its name inside a block)."""
     parts = name.split(".")
@@ -159,8 +192,12 @@ def default_targets(model: nn.Module) -> list[str]:
     """peft's default LoRA target suffixes for the model's ``config.model_type``."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAP
 
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
     found = MAP.get(model_type) or _EXTRA_DEFAULTS.get(model_type)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if not found and text is not None and text is not config:  # a vision-language model
+        found = MAP.get(text.model_type) or _EXTRA_DEFAULTS.get(text.model_type)
     if not found:
         raise ValueError(
             f"peft has no default LoRA targets for model type {model_type!r}; "
@@ -177,30 +214,73 @@ def _split(targets: str | Sequence[str]) -> list[str]:
     return out
 
 
-def _select(model: nn.Module, targets: str | Sequence[str]) -> tuple[list[str], list[str]]:
-    """(requested items, selected fully qualified names in model order)."""
+def expert_parameters(model: nn.Module) -> list[str]:
+    """Fully qualified names of fused mixture-of-experts weights: the 3-D parameters (experts x
+    out x in) transformers 5 keeps in a block's ``experts`` module instead of one linear layer per
+    expert. peft adapts them through ``target_parameters``."""
+    return [
+        f"{mod_name}.{p_name}"
+        for mod_name, module in model.named_modules()
+        if "expert" in mod_name.rsplit(".", 1)[-1]
+        for p_name, param in module.named_parameters(recurse=False)
+        if param.dim() == 3
+    ]
+
+
+def _expert_suffixes(names: Sequence[str]) -> list[str]:
+    """``experts.gate_up_proj``-style suffixes (peft's target_parameters match name suffixes)."""
+    return list(dict.fromkeys(".".join(n.split(".")[-2:]) for n in names))
+
+
+def _select(
+    model: nn.Module, targets: str | Sequence[str]
+) -> tuple[list[str], list[str], list[str]]:
+    """(requested items, selected linear layers in model order, selected expert parameters)."""
     requested = _split(targets)
     linear = linear_module_names(model)
+    experts = expert_parameters(model)
     groups: dict[str, list[str]] | None = None
     chosen: set[str] = set()
+    params: set[str] = set()
     for t in requested:
         if t in ("attention", "mlp"):
             groups = groups or module_groups(model)
-            if not groups[t]:
+            if t == "mlp":
+                params.update(experts)
+            if not groups[t] and not (t == "mlp" and experts):
                 raise ValueError(
                     f"LoRA target group {t!r} matches no linear layer of {type(model).__name__}"
                 )
             chosen.update(groups[t])
+        elif t == "experts":
+            if not experts:
+                raise ValueError(
+                    f"LoRA target group 'experts' matches nothing: {type(model).__name__} has "
+                    "no fused mixture-of-experts weights"
+                )
+            params.update(experts)
         elif t == "all-linear":
             chosen.update(linear)
+        elif t in ("language", "vision"):
+            hits = [n for n in linear if tower(n) == t]
+            if not hits or (t == "language" and len(hits) == len(linear)):
+                raise ValueError(
+                    f"LoRA target group {t!r} needs a vision-language model; "
+                    f"{type(model).__name__} has no vision tower"
+                )
+            chosen.update(hits)
         elif t == "default":
-            hits = [n for s in default_targets(model) for n in suffix_matches(linear, s)]
+            towers = {tower(n) for n in linear}
+            hits = [n for s in default_targets(model) for n in suffix_matches(linear, s)
+                    if len(towers) == 1 or tower(n) == "language"]  # fmt: skip
             if not hits:
                 raise ValueError(
                     f"peft's default LoRA targets {default_targets(model)} match "
                     f"no linear layer of {type(model).__name__}"
                 )
             chosen.update(hits)
+        elif hits := suffix_matches(experts, t):
+            params.update(hits)
         else:
             hits = suffix_matches(linear, t)
             if not hits:
@@ -211,7 +291,7 @@ def _select(model: nn.Module, targets: str | Sequence[str]) -> tuple[list[str], 
                     f"available: {', '.join(available[:8])}{more}, or a group: {', '.join(GROUPS)}"
                 )
             chosen.update(hits)
-    return requested, [n for n in linear if n in chosen]
+    return requested, [n for n in linear if n in chosen], [n for n in experts if n in params]
 
 
 def _generalize(parts: Sequence[str]) -> str:
@@ -279,8 +359,14 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> ResolvedT
     Raises:
         ValueError: one line naming a target that matches no linear layer, with available names.
     """
-    requested, selected = _select(model, targets)
-    return ResolvedTargets(compact_target_modules(selected, model), selected, requested)
+    requested, selected, params = _select(model, targets)
+    if requested == ["all-linear"]:
+        # peft's own keyword: on the mixture-of-experts models whose transformers 4 layout peft
+        # converts (Mixtral, OLMoE) it also adapts the router and the fused experts, which a
+        # list would miss
+        return ResolvedTargets("all-linear", selected, requested)
+    target_modules = compact_target_modules(selected, model) if selected else []
+    return ResolvedTargets(target_modules, selected, requested, _expert_suffixes(params))
 
 
 def partition(model: nn.Module, values: dict[str, float]) -> dict[str, float]:
@@ -291,7 +377,13 @@ def partition(model: nn.Module, values: dict[str, float]) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for key in sorted(values, key=order):
-        for name in _select(model, key)[1]:
+        _, names, params = _select(model, key)
+        if params:
+            raise ValueError(
+                f"rank groups cannot include mixture-of-experts weights yet ({key!r}): "
+                "give the experts one rank with the 'experts' target"
+            )
+        for name in names:
             out[name] = values[key]
     return out
 
