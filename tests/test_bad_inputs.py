@@ -418,6 +418,18 @@ CASES = [
         argv=_cli("run", "{spec}", "--out", "{out}", "--retry", "crashed"),
     ),
     Case(
+        "jobs-text",
+        None,
+        "--jobs: must be a positive integer or auto, got 'many'",
+        argv=_cli("run", "{spec}", "--out", "{out}", "--jobs", "many"),
+    ),
+    Case(
+        "per-gpu-on-cpu",
+        None,
+        "--per-gpu: no GPU is visible",
+        argv=_cli("run", "{spec}", "--out", "{out}", "--per-gpu", "2"),
+    ),
+    Case(
         "prune-one-seed",
         _set("seeds", [0]),
         "--prune: needs at least 2 seeds",

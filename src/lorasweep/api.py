@@ -101,7 +101,8 @@ class Sweep:
         out_dir: str | Path,
         *,
         backend: str = "local",
-        jobs: int = 1,
+        jobs: int | str = 1,
+        per_gpu: int | None = None,
         retry: tuple[str, ...] = (),
         report: bool = True,
         quiet: bool = False,
@@ -114,7 +115,9 @@ class Sweep:
             out_dir: the run folder (store, adapters, report), as ``lorasweep run --out``.
             backend: "local" (a fresh process per trial: clean memory figures) or "inprocess"
                 (trials in this process: fastest start, memory peaks approximate), or "ray".
-            jobs: trials at once (local backend; one GPU each).
+            jobs: trials at once (local backend; one GPU each), or "auto": as many per GPU as
+                fit by the estimator (one at a time on CPU).
+            per_gpu: that many trials on each GPU at once, whatever the estimate.
             retry: statuses to run again: "failed", "oom".
             report: write ``out_dir/report.html`` at the end.
             quiet: no progress lines.
@@ -131,6 +134,7 @@ class Sweep:
             out_dir,
             backend=backend,
             jobs=jobs,
+            per_gpu=per_gpu,
             retry=tuple(retry),
             report=report,
             quiet=quiet,

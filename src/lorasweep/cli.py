@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lorasweep.cli_args import UserError
+from lorasweep.cli_args import UserError, parse_jobs
 from lorasweep.cli_status import cmd_export, cmd_status
 from lorasweep.cli_tools import cmd_estimate, cmd_init, cmd_spectrum
 from lorasweep.records import TrialStatus
@@ -58,7 +58,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.spec,
         args.out,
         backend=args.backend,
-        jobs=args.jobs,
+        jobs=parse_jobs(str(args.jobs)),
+        per_gpu=getattr(args, "per_gpu", None),
         retry=retry,
         address=getattr(args, "address", None),
         quiet=args.quiet,

@@ -31,7 +31,18 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         help="where trials run (default: local, a fresh process per trial)",
     )
     p.add_argument(
-        "--jobs", type=int, default=1, help="trials at once, one GPU each (default: %(default)s)"
+        "--jobs",
+        default="1",
+        help="trials at once, one GPU each; auto: as many per GPU as fit by the estimator, "
+        "one at a time on CPU (default: %(default)s)",
+    )
+    p.add_argument(
+        "--per-gpu",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N trials on each GPU at once, whatever the estimate (default: by memory with "
+        "--jobs auto)",
     )
     p.add_argument(
         "--retry",
@@ -346,3 +357,12 @@ def _init_command(sub: Any) -> None:
         "-o", "--output", default="sweep.yaml", help="'-' for stdout (default: %(default)s)"
     )
     s.add_argument("--force", action="store_true", help="overwrite an existing --output")
+
+
+def parse_jobs(text: str) -> int | str:
+    """``--jobs``: a positive integer or ``auto``; one line naming the option otherwise."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    if not text.strip().isdigit() or int(text) < 1:
+        raise UserError(f"--jobs: must be a positive integer or auto, got {text!r}")
+    return int(text)

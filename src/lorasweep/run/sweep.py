@@ -72,7 +72,8 @@ def run_sweep(
     out_dir: str | Path,
     *,
     backend: str = "local",
-    jobs: int = 1,
+    jobs: int | str = 1,
+    per_gpu: int | None = None,
     retry: tuple[str, ...] | set[str] = (),
     address: str | None = None,
     report: bool = True,
@@ -87,6 +88,7 @@ def run_sweep(
     surviving trial is paused at each rung, and a configuration significantly worse than the
     best across seeds is stored ``pruned`` (see ``lorasweep.run.pruning`` and docs/scaling.md).
     More than ``CONFIRM_ABOVE`` trials not yet in ``out_dir`` need ``yes=True`` (``--yes``).
+    ``jobs="auto"`` or ``per_gpu`` pack several trials onto each GPU (``run.packing``).
     """
     bad = set(retry) - set(RETRYABLE)
     if bad:
@@ -103,9 +105,9 @@ def run_sweep(
         settings.metric_for(spec.task)  # a metric the task does not measure: fail before work
     out = Path(out_dir)
     check_out_path(out)  # a file, or a stranger's folder: refused before anything loads
+    be = get_backend(backend, jobs=jobs, address=address, per_gpu=per_gpu)  # options first
     trials = spec.trials()
     _confirm_size(spec, trials, out, yes, quiet)
-    be = get_backend(backend, jobs=jobs, address=address)
     try:
         if _has_work(out, trials, set(retry)):
             be.warm_up()  # worker imports overlap the checks below
@@ -140,7 +142,7 @@ def _run_claimed(
     fingerprint: str | None,
     settings: PruneSettings | None,
     retry: set[str],
-    jobs: int,
+    jobs: int | str,
     quiet: bool,
 ) -> tuple[int, int, dict[str, int]]:
     """The sweep inside its claimed run folder: refuse a changed experiment, record the plan,
@@ -195,8 +197,9 @@ class _Runner:
     """Runs trials (or segments of trials, between pruning rungs) through a backend and records
     each result the moment it arrives. The parent is the only writer of the store."""
 
-    def __init__(self, store: Any, backend: Any, out: Path, name: str, jobs: int, quiet: bool,
-                 estimates: dict[str, float], fingerprint: str | None = None):  # fmt: skip
+    def __init__(self, store: Any, backend: Any, out: Path, name: str, jobs: int | str,
+                 quiet: bool, estimates: dict[str, float],
+                 fingerprint: str | None = None):  # fmt: skip
         self.store, self.backend, self.out, self.name = store, backend, out, name
         self.jobs, self.quiet, self.estimates = jobs, quiet, estimates
         self.fingerprint = fingerprint
@@ -215,8 +218,11 @@ class _Runner:
 
     def run(self, trials: list[Trial], segments: dict[str, dict[str, Any]]) -> int:
         stops = {k: v["stop_at"] for k, v in segments.items() if v.get("stop_at")}
+        width = getattr(self.backend, "width", None)
+        jobs = width(trials, self.estimates) if width else self.jobs
+        jobs = jobs if isinstance(jobs, int) else 1  # Ray with jobs="auto": Ray decides
         # a context: the live display ends however the loop does (Ctrl-C, an error)
-        with Progress(len(trials), self.jobs, quiet=self.quiet, stops=stops) as progress:
+        with Progress(len(trials), jobs, quiet=self.quiet, stops=stops) as progress:
 
             def on_start(t: Trial) -> None:
                 self.store.mark_running(t.id)
@@ -230,6 +236,8 @@ class _Runner:
                 on_progress=progress.progress,
                 segments={k: v for k, v in segments.items() if any(v.values())},
                 extra={"data_fingerprint": self.fingerprint} if self.fingerprint else {},
+                estimates=self.estimates,
+                on_requeue=lambda r: self.record(r, resumed=False),
             )
             n = 0
             for result in self.backend.run(trials, ctx):

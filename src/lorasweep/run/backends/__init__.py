@@ -16,7 +16,12 @@ from lorasweep.run.backends.base import Backend, RunContext
 __all__ = ["Backend", "RunContext", "get_backend"]
 
 
-def get_backend(name: str, *, jobs: int = 1, address: str | None = None) -> Backend:
+def get_backend(name: str, *, jobs: int | str = 1, address: str | None = None,
+                per_gpu: int | None = None) -> Backend:  # fmt: skip
+    """``jobs``: trials at once, or ``"auto"`` (local and Ray: as many as the GPUs' memory holds
+    by the estimator, one at a time on CPU); ``per_gpu``: that many trials per GPU."""
+    if name == "inprocess" and (jobs == "auto" or per_gpu is not None):
+        raise ValueError(f"--jobs auto / --per-gpu: the {name} backend runs one trial at a time")
     if name == "inprocess":
         from lorasweep.run.backends.inprocess import InProcessBackend
 
@@ -24,9 +29,9 @@ def get_backend(name: str, *, jobs: int = 1, address: str | None = None) -> Back
     if name == "local":
         from lorasweep.run.backends.local import LocalBackend
 
-        return LocalBackend(jobs=jobs)
+        return LocalBackend(jobs=jobs, per_gpu=per_gpu)
     if name == "ray":
         from lorasweep.run.backends.ray import RayBackend
 
-        return RayBackend(address=address, jobs=jobs)
+        return RayBackend(address=address, jobs=jobs, per_gpu=per_gpu)
     raise ValueError(f"--backend: unknown backend {name!r}; choose inprocess, local or ray")

@@ -20,6 +20,11 @@ class RunContext:
     extra: dict[str, Any] = field(default_factory=dict)
     # trial id -> {"stop_at": step or None, "resume_from": checkpoint or None} (pruning rungs)
     segments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # trial id -> the estimator's peak bytes (run.estimates): what packing trials onto a GPU reads
+    estimates: dict[str, float] = field(default_factory=dict)
+    # a result a backend stores before it runs the trial again (an OOM beside other trials,
+    # retried alone): recorded, not yielded, so each trial is yielded once
+    on_requeue: Callable[[TrialResult], None] = lambda r: None
 
     def trial_dir(self, trial: Trial) -> Path:
         return self.out_dir / "trials" / trial.id

@@ -6,7 +6,10 @@ trial; the forkserver imports once and forks in well under a second. The server 
 CUDA (it only imports), so each child can pick its own GPU with CUDA_VISIBLE_DEVICES.
 
 ``jobs`` workers run at once. On CUDA each gets its own GPU; on CPU each gets cores // jobs threads
-(oversubscribed threads were 1.5x slower than sequential trials on 2 cores).
+(oversubscribed threads were 1.5x slower than sequential trials on 2 cores). With ``jobs="auto"``
+(or ``per_gpu``) on GPUs, trials share GPUs: ``run.packing`` starts each where the estimator's
+peak fits (or N per GPU), and a trial that runs out of memory beside others is stored ``oom``
+(``RunContext.on_requeue``) and run again alone, before anything new starts.
 
 A worker that dies without a result is classified honestly (see ``_died``): killed by the kernel's
 OOM killer -> ``oom``; killed by SIGKILL with no OOM kill recorded by the kernel (a user, a job
@@ -23,11 +26,13 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from lorasweep.records import Trial, TrialResult, TrialStatus
 from lorasweep.run.backends.base import RunContext
+from lorasweep.run.packing import Device, Packer
 
 # the guard first: it ties the server's life to the sweep's before the slow imports start
 _PRELOAD = ["lorasweep.run.backends._forkserver_guard", "lorasweep.training.trial"]
@@ -131,11 +136,31 @@ def _gpu_ids() -> list[str]:
     return mask[:n] if len(mask) >= n else [str(i) for i in range(n)]
 
 
+def gpu_capacities(ids: list[str]) -> list[float]:
+    """Total memory (bytes) of the visible GPUs, in order; torch reads it without allocating.
+    Packing assumes the GPUs are otherwise free."""
+    import torch
+
+    return [float(torch.cuda.get_device_properties(i).total_memory) for i in range(len(ids))]
+
+
 class LocalBackend:
-    def __init__(self, jobs: int = 1):
-        if jobs < 1:
-            raise ValueError(f"--jobs: must be >= 1, got {jobs}")
-        self.jobs = jobs
+    """``jobs`` workers at once, one GPU each; or, with ``jobs="auto"`` or ``per_gpu`` on GPUs,
+    as many trials per GPU as fit by the estimator (``run.packing``): a trial that runs out of
+    memory beside others is stored ``oom`` and run again alone. ``jobs="auto"`` on CPU: one
+    trial at a time with every core."""
+
+    def __init__(self, jobs: int | str = 1, per_gpu: int | None = None):
+        if jobs != "auto" and (not isinstance(jobs, int) or jobs < 1):
+            raise ValueError(f"--jobs: must be >= 1 or auto, got {jobs}")
+        if per_gpu is not None and jobs not in (1, "auto"):
+            raise ValueError(f"--per-gpu: sets the trials per GPU; leave --jobs out (got {jobs})")
+        if per_gpu is not None and per_gpu < 1:
+            raise ValueError(f"--per-gpu: must be >= 1, got {per_gpu}")
+        if per_gpu is not None and not _gpu_ids():  # before any run folder is made
+            raise ValueError("--per-gpu: no GPU is visible (CUDA_VISIBLE_DEVICES, drivers)")
+        self.jobs, self.per_gpu = jobs, per_gpu
+        self.max_running = 0  # most trials that ran at once (benchmarks, tests)
         self._mp = mp.get_context("forkserver")
         self._mp.set_forkserver_preload(_PRELOAD)
 
@@ -151,69 +176,150 @@ class LocalBackend:
         """The forkserver is kept: a second sweep in this process (a notebook) starts its trials
         without re-importing torch; it exits with the process."""
 
+    def packer(self) -> Packer | None:
+        """A Packer over the visible GPUs when trials share them, else None."""
+        gpus = _gpu_ids()
+        if not gpus or (self.jobs != "auto" and self.per_gpu is None):
+            return None
+        caps = gpu_capacities(gpus)
+        return Packer([Device(g, c) for g, c in zip(gpus, caps, strict=True)],
+                      per_gpu=self.per_gpu)  # fmt: skip
+
     def _slots(self) -> tuple[list[str | None], int | None]:
+        jobs = 1 if self.jobs == "auto" else int(self.jobs)
         gpus = _gpu_ids()
         if gpus:
-            if self.jobs > len(gpus):
-                raise ValueError(f"--jobs: {self.jobs} workers but only {len(gpus)} GPUs visible")
-            return list(gpus[: self.jobs]), None
-        threads = max(1, (os.cpu_count() or 1) // self.jobs)
-        return [None] * self.jobs, threads
+            if jobs > len(gpus):
+                raise ValueError(f"--jobs: {jobs} workers but only {len(gpus)} GPUs visible")
+            return list(gpus[:jobs]), None
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        return [None] * jobs, threads
+
+    def width(self, trials: list[Trial], estimates: dict[str, float]) -> int:
+        """How many trials will run at once, for the progress display's ETA."""
+        packer = self.packer()
+        if packer is None:
+            return len(self._slots()[0])
+        placed = sum(packer.place(t.id, estimates.get(t.id)) is not None for t in trials)
+        return max(1, placed)
 
     def run(self, trials: list[Trial], ctx: RunContext) -> Iterator[TrialResult]:
         os.environ[_SWEEP_PID_ENV] = str(os.getpid())  # read by the forkserver it starts
+        packer = self.packer()
+        if packer is not None:
+            yield from self._run_packed(trials, ctx, packer)
+            return
         gpus, threads = self._slots()
-        free = list(range(self.jobs))
+        free = list(range(len(gpus)))
         queue = list(trials)
-        running: dict[int, tuple[Any, Connection, Trial, int, int | None]] = {}  # sentinel ->
-        # (process, pipe, trial, slot, kernel OOM-kill count when it started)
+        running: dict[int, _Running] = {}
         try:
             while queue or running:
                 while queue and free:
                     slot = free.pop(0)
                     trial = queue.pop(0)
-                    ctx.on_start(trial)
-                    parent_conn, child_conn = self._mp.Pipe(duplex=False)
-                    proc = self._mp.Process(
-                        target=_child,
-                        args=(
-                            trial.to_dict(),
-                            str(ctx.trial_dir(trial)),
-                            str(ctx.cache_root),
-                            ctx.trial_context(trial, threads),
-                            gpus[slot],
-                            child_conn,
-                            os.getpid(),
-                        ),
-                        name=f"lorasweep-{trial.id}",
-                    )
-                    proc.start()
-                    child_conn.close()
-                    running[proc.sentinel] = (proc, parent_conn, trial, slot, oom_kill_count())
-                conns = [w[1] for w in running.values()]
-                ready = wait(conns + list(running), timeout=1.0)
-                results: dict[int, TrialResult] = {}
-                for sentinel, (proc, conn, trial, slot, ooms) in list(running.items()):
-                    if conn in ready or sentinel in ready:
-                        res = _drain(conn, ctx)
-                        if res is not None:
-                            results[sentinel] = res
-                    if sentinel in ready or sentinel in results:
-                        proc.join(timeout=_JOIN_AFTER_RESULT if sentinel in results else 5)
-                        if proc.exitcode is None:
-                            if sentinel not in results:
-                                continue
-                            proc.kill()  # it sent its result but hangs on exit
-                            proc.join(timeout=5)
-                        res = results.get(sentinel) or _drain(conn, ctx) or _died(trial, proc, ooms)
-                        conn.close()
-                        del running[sentinel]
-                        free.append(slot)
-                        yield res
+                    running.update(self._start(trial, ctx, gpus[slot], threads, slot))
+                for run, res in self._finished(running, ctx):
+                    free.append(run.slot)
+                    yield res
         finally:
-            for proc, *_ in running.values():  # the parent is going away: stop workers
-                proc.kill()
-                proc.join(timeout=5)
+            _stop(running)
+
+    def _run_packed(self, trials: list[Trial], ctx: RunContext,
+                    packer: Packer) -> Iterator[TrialResult]:  # fmt: skip
+        """Trials share GPUs by estimated memory; an OOM beside others is run again alone."""
+        queue: list[tuple[Trial, bool]] = [(t, False) for t in trials]  # (trial, alone)
+        running: dict[int, _Running] = {}
+        crowded: dict[str, int] = {}  # trial id -> most other trials beside it on its GPU
+        try:
+            while queue or running:
+                # a trial waiting to run alone goes first: nothing new starts until it has
+                waiting = [item for item in queue if item[1]] or list(queue)
+                for item in waiting:
+                    trial, alone = item
+                    gpu = packer.place(trial.id, ctx.estimates.get(trial.id), alone=alone)
+                    if gpu is None:
+                        continue
+                    queue.remove(item)
+                    running.update(self._start(trial, ctx, gpu, None, 0))
+                    beside = [r.trial.id for r in running.values()
+                              if packer.where[r.trial.id].id == gpu]  # fmt: skip
+                    for tid in beside:
+                        crowded[tid] = max(crowded.get(tid, 0), len(beside) - 1)
+                for run, res in self._finished(running, ctx):
+                    packer.release(run.trial.id)
+                    others = crowded.pop(run.trial.id, 0)
+                    if res.status == TrialStatus.OOM and others:
+                        res.error = (
+                            f"out of memory beside {others} other trial(s) on GPU "
+                            f"{run.gpu}; run again alone. {res.error or ''}"
+                        ).strip()
+                        ctx.on_requeue(res)
+                        queue.insert(0, (run.trial, True))
+                        continue
+                    yield res
+        finally:
+            _stop(running)
+
+    def _start(self, trial: Trial, ctx: RunContext, gpu: str | None, threads: int | None,
+               slot: int) -> dict[int, _Running]:  # fmt: skip
+        ctx.on_start(trial)
+        parent_conn, child_conn = self._mp.Pipe(duplex=False)
+        proc = self._mp.Process(
+            target=_child,
+            args=(trial.to_dict(), str(ctx.trial_dir(trial)), str(ctx.cache_root),
+                  ctx.trial_context(trial, threads), gpu, child_conn, os.getpid()),
+            name=f"lorasweep-{trial.id}",
+        )  # fmt: skip
+        proc.start()
+        child_conn.close()
+        return {proc.sentinel: _Running(proc, parent_conn, trial, slot, oom_kill_count(), gpu)}
+
+    def _finished(self, running: dict[int, _Running],
+                  ctx: RunContext) -> Iterator[tuple[_Running, TrialResult]]:  # fmt: skip
+        """Wait up to a second; each worker that ended, with its result (or how it died)."""
+        self.max_running = max(self.max_running, len(running))
+        ready = wait([r.conn for r in running.values()] + list(running), timeout=1.0)
+        results: dict[int, TrialResult] = {}
+        for sentinel, run in list(running.items()):
+            if run.conn in ready or sentinel in ready:
+                res = _drain(run.conn, ctx)
+                if res is not None:
+                    results[sentinel] = res
+            if sentinel in ready or sentinel in results:
+                run.proc.join(timeout=_JOIN_AFTER_RESULT if sentinel in results else 5)
+                if run.proc.exitcode is None:
+                    if sentinel not in results:
+                        continue
+                    run.proc.kill()  # it sent its result but hangs on exit
+                    run.proc.join(timeout=5)
+                res = (
+                    results.get(sentinel)
+                    or _drain(run.conn, ctx)
+                    or _died(run.trial, run.proc, run.ooms)
+                )
+                run.conn.close()
+                del running[sentinel]
+                yield run, res
+
+
+@dataclass
+class _Running:
+    """A worker process and what the backend tracks of it."""
+
+    proc: Any
+    conn: Connection
+    trial: Trial
+    slot: int
+    ooms: int | None  # the kernel's OOM-kill count when it started
+    gpu: str | None
+
+
+def _stop(running: dict[int, _Running]) -> None:
+    """The parent is going away: stop the workers."""
+    for run in running.values():
+        run.proc.kill()
+        run.proc.join(timeout=5)
 
 
 def _drain(conn: Connection, ctx: RunContext) -> TrialResult | None:
