@@ -217,3 +217,16 @@ def test_the_store_keeps_the_oom_then_the_retry(monkeypatch, tiny_bert_dir, tiny
     with open_store(tmp_path / "run") as store:
         attempts = sorted(t["attempts"] for t in store.trials())
     assert attempts == [1, 2]
+
+
+def test_an_oom_before_a_retry_keeps_what_earlier_rungs_recorded(tmp_path) -> None:
+    trial = _trials(1)[0]
+    with open_store(tmp_path, create=True) as store:
+        store.add_trials([trial])
+        store.mark_running(trial.id)
+        store.save_result(TrialResult(trial.id, TrialStatus.PENDING, metrics={"accuracy": 0.7},
+                                      artifacts={"paused": {"step": 4}}))  # fmt: skip
+        store.mark_oom(trial.id, "out of memory beside 1 other trial(s) on GPU 0")
+        row = store.trials()[0]
+    assert row["status"] == "oom" and row["metrics"] == {"accuracy": 0.7}
+    assert row["artifacts"] == {"paused": {"step": 4}}

@@ -103,6 +103,7 @@ class Sweep:
         backend: str = "local",
         jobs: int | str = 1,
         per_gpu: int | None = None,
+        shared_folder: bool = False,
         retry: tuple[str, ...] = (),
         report: bool = True,
         quiet: bool = False,
@@ -118,6 +119,8 @@ class Sweep:
             jobs: trials at once (local backend; one GPU each), or "auto": as many per GPU as
                 fit by the estimator (one at a time on CPU).
             per_gpu: that many trials on each GPU at once, whatever the estimate.
+            shared_folder: with backend="ray": the run folder is on a filesystem all nodes
+                see; trials read and write it directly (else files move through Ray).
             retry: statuses to run again: "failed", "oom".
             report: write ``out_dir/report.html`` at the end.
             quiet: no progress lines.
@@ -135,6 +138,7 @@ class Sweep:
             backend=backend,
             jobs=jobs,
             per_gpu=per_gpu,
+            shared_folder=shared_folder,
             retry=tuple(retry),
             report=report,
             quiet=quiet,

@@ -60,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         backend=args.backend,
         jobs=parse_jobs(str(args.jobs)),
         per_gpu=getattr(args, "per_gpu", None),
+        shared_folder=getattr(args, "shared_folder", False),
         retry=retry,
         address=getattr(args, "address", None),
         quiet=args.quiet,

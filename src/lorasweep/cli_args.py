@@ -24,6 +24,7 @@ def package_version() -> str:
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
+    # long: one add_argument per option of run and demo, each with its help and default
     p.add_argument(
         "--backend",
         choices=["inprocess", "local", "ray"],
@@ -35,6 +36,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         default="1",
         help="trials at once, one GPU each; auto: as many per GPU as fit by the estimator, "
         "one at a time on CPU (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shared-folder",
+        action="store_true",
+        help="with --backend ray: the run folder is on a filesystem every node sees at the same "
+        "path; trials read and write it directly instead of moving data and files through "
+        "Ray's object store",
     )
     p.add_argument(
         "--per-gpu",

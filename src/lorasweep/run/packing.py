@@ -105,6 +105,17 @@ class Packer:
         return max(1, len(self.devices))  # grows as trials fit; shown as "auto"
 
 
+def check_jobs(jobs: int | str, per_gpu: int | None) -> None:
+    """``--jobs`` (a positive integer or ``auto``) and ``--per-gpu`` (positive, alone or with
+    ``auto``), one line naming the option; the backends' constructors call it."""
+    if jobs != "auto" and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"--jobs: must be >= 1 or auto, got {jobs}")
+    if per_gpu is not None and jobs not in (1, "auto"):
+        raise ValueError(f"--per-gpu: sets the trials per GPU; leave --jobs out (got {jobs})")
+    if per_gpu is not None and per_gpu < 1:
+        raise ValueError(f"--per-gpu: must be >= 1, got {per_gpu}")
+
+
 def gpu_fraction(estimate: float | None, capacity: float, *, per_gpu: int | None = None,
                  margin: float = DEFAULT_MARGIN) -> float:  # fmt: skip
     """The share of one GPU a Ray task asks for: ``1 / per_gpu``, else its estimate grown by
@@ -115,4 +126,4 @@ def gpu_fraction(estimate: float | None, capacity: float, *, per_gpu: int | None
     need = Packer([Device("0", capacity)], margin=margin).need(estimate)
     if need is None or need >= capacity:
         return 1.0
-    return min(1.0, math.ceil(100 * need / capacity) / 100)
+    return min(1.0, math.ceil(round(100 * need / capacity, 9)) / 100)  # 1.1 is 1.10000000000001

@@ -74,6 +74,7 @@ def run_sweep(
     backend: str = "local",
     jobs: int | str = 1,
     per_gpu: int | None = None,
+    shared_folder: bool = False,
     retry: tuple[str, ...] | set[str] = (),
     address: str | None = None,
     report: bool = True,
@@ -105,7 +106,8 @@ def run_sweep(
         settings.metric_for(spec.task)  # a metric the task does not measure: fail before work
     out = Path(out_dir)
     check_out_path(out)  # a file, or a stranger's folder: refused before anything loads
-    be = get_backend(backend, jobs=jobs, address=address, per_gpu=per_gpu)  # options first
+    be = get_backend(backend, jobs=jobs, address=address, per_gpu=per_gpu,
+                     shared_folder=shared_folder)  # options first  # fmt: skip
     trials = spec.trials()
     _confirm_size(spec, trials, out, yes, quiet)
     try:
@@ -237,7 +239,7 @@ class _Runner:
                 segments={k: v for k, v in segments.items() if any(v.values())},
                 extra={"data_fingerprint": self.fingerprint} if self.fingerprint else {},
                 estimates=self.estimates,
-                on_requeue=lambda r: self.record(r, resumed=False),
+                on_requeue=lambda r: self.store.mark_oom(r.trial_id, r.error or "oom"),
             )
             n = 0
             for result in self.backend.run(trials, ctx):

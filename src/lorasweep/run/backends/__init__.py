@@ -17,9 +17,12 @@ __all__ = ["Backend", "RunContext", "get_backend"]
 
 
 def get_backend(name: str, *, jobs: int | str = 1, address: str | None = None,
-                per_gpu: int | None = None) -> Backend:  # fmt: skip
+                per_gpu: int | None = None, shared_folder: bool = False) -> Backend:  # fmt: skip
     """``jobs``: trials at once, or ``"auto"`` (local and Ray: as many as the GPUs' memory holds
-    by the estimator, one at a time on CPU); ``per_gpu``: that many trials per GPU."""
+    by the estimator, one at a time on CPU); ``per_gpu``: that many trials per GPU;
+    ``shared_folder`` (Ray): trials read and write the run folder directly."""
+    if shared_folder and name != "ray":
+        raise ValueError("--shared-folder: only with --backend ray")
     if name == "inprocess" and (jobs == "auto" or per_gpu is not None):
         raise ValueError(f"--jobs auto / --per-gpu: the {name} backend runs one trial at a time")
     if name == "inprocess":
@@ -33,5 +36,5 @@ def get_backend(name: str, *, jobs: int | str = 1, address: str | None = None,
     if name == "ray":
         from lorasweep.run.backends.ray import RayBackend
 
-        return RayBackend(address=address, jobs=jobs, per_gpu=per_gpu)
+        return RayBackend(address=address, jobs=jobs, per_gpu=per_gpu, shared_folder=shared_folder)
     raise ValueError(f"--backend: unknown backend {name!r}; choose inprocess, local or ray")

@@ -32,7 +32,7 @@ from typing import Any
 
 from lorasweep.records import Trial, TrialResult, TrialStatus
 from lorasweep.run.backends.base import RunContext
-from lorasweep.run.packing import Device, Packer
+from lorasweep.run.packing import Device, Packer, check_jobs
 
 # the guard first: it ties the server's life to the sweep's before the slow imports start
 _PRELOAD = ["lorasweep.run.backends._forkserver_guard", "lorasweep.training.trial"]
@@ -151,12 +151,7 @@ class LocalBackend:
     trial at a time with every core."""
 
     def __init__(self, jobs: int | str = 1, per_gpu: int | None = None):
-        if jobs != "auto" and (not isinstance(jobs, int) or jobs < 1):
-            raise ValueError(f"--jobs: must be >= 1 or auto, got {jobs}")
-        if per_gpu is not None and jobs not in (1, "auto"):
-            raise ValueError(f"--per-gpu: sets the trials per GPU; leave --jobs out (got {jobs})")
-        if per_gpu is not None and per_gpu < 1:
-            raise ValueError(f"--per-gpu: must be >= 1, got {per_gpu}")
+        check_jobs(jobs, per_gpu)
         if per_gpu is not None and not _gpu_ids():  # before any run folder is made
             raise ValueError("--per-gpu: no GPU is visible (CUDA_VISIBLE_DEVICES, drivers)")
         self.jobs, self.per_gpu = jobs, per_gpu
