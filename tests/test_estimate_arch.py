@@ -425,18 +425,38 @@ def test_cli_bad_options_exit_2_with_one_line(tmp_path, capsys, option, value, m
 
 
 def test_preflight_refuses_dropout_on_fused_experts(tmp_path) -> None:
-    """peft adapts fused expert weights only without dropout: a sweep says so before training."""
+    """peft adapts fused expert weights only without dropout: a sweep says so before training,
+    also for the default dropout and for peft's all-linear, which reaches them on Mixtral."""
     from lorasweep.run import preflight
     from lorasweep.spec import SweepSpec
 
     path, _ = _save("mixtral", tmp_path)
     spec = {"name": "moe", "task": "causal-lm", "model": path,
             "dataset": {"source": str(tmp_path / "d.jsonl"), "max_length": 16},
-            "lora": {"target_modules": "experts", "dropout": 0.05}, "grid": {"rank": [2]},
+            "lora": {"target_modules": "experts"}, "grid": {"rank": [2]},
             "seeds": [0]}  # fmt: skip
-    line = ("lora.dropout: peft adapts fused expert weights (experts.gate_up_proj, "
-            "experts.down_proj) only without dropout: set dropout: 0 (got 0.05)")  # fmt: skip
+    line = ("lora.dropout: peft adapts fused expert weights (down_proj, gate_up_proj) only "
+            "without dropout: set dropout: 0 (got 0.05)")  # fmt: skip
     assert line in preflight.check_model(SweepSpec.model_validate(spec))
+    spec["lora"]["target_modules"] = "all-linear"
+    errors = preflight.check_model(SweepSpec.model_validate(spec))
+    assert any("fused expert weights" in e and "gate.weight" not in e for e in errors) or any(
+        "fused expert weights" in e for e in errors
+    )
     spec["lora"]["dropout"] = 0.0  # (a config folder alone: the weights/tokenizer lines remain)
     errors = preflight.check_model(SweepSpec.model_validate(spec))
     assert not any("fused expert" in e for e in errors)
+    spec["lora"] = {"target_modules": "attention"}  # no expert reached: the default is fine
+    errors = preflight.check_model(SweepSpec.model_validate(spec))
+    assert not any("fused expert" in e for e in errors)
+
+
+@pytest.mark.parametrize("arch", ["llava", "gemma3"])
+def test_vision_language_activations_are_the_language_towers(tmp_path, arch) -> None:
+    """A text-only batch does not run the vision tower: its adapters add no activations, and
+    the norms per layer are the language model's (RMSNorm), not the vision encoder's."""
+    path, _ = _save(arch, tmp_path)
+    kw = dict(ranks=[4], batch=2, seq=16, lora_dropout=0.0)
+    both = estimate(path, targets="all-linear", **kw).rows[0]["activation_bytes"]
+    language = estimate(path, targets="language", **kw).rows[0]["activation_bytes"]
+    assert both == language > 0

@@ -129,7 +129,7 @@ def test_packed_schedule_and_an_oom_beside_others_is_stored_then_retried_alone(
     results = list(be.run(trials, _ctx(tmp_path, {t.id: 10 * GiB for t in trials}, stored)))
     assert be.max_running == 2
     t0 = trials[0].id
-    assert [r.trial_id for r in stored] == [t0]  # stored oom, then run again alone
+    assert [r.trial_id for r in stored] == [t0]  # recorded, then run again alone
     assert stored[0].status == TrialStatus.OOM
     assert "out of memory beside 1 other trial(s) on GPU 0; run again alone" in stored[0].error
     assert sorted(r.trial_id for r in results) == sorted(t.id for t in trials)  # once each
@@ -220,13 +220,16 @@ def test_the_store_keeps_the_oom_then_the_retry(monkeypatch, tiny_bert_dir, tiny
 
 
 def test_an_oom_before_a_retry_keeps_what_earlier_rungs_recorded(tmp_path) -> None:
+    """What the sweep records before a retry alone (``on_requeue``): pending with the reason, so
+    a stopped sweep re-runs it, with an earlier rung's metrics and artifacts kept."""
     trial = _trials(1)[0]
     with open_store(tmp_path, create=True) as store:
         store.add_trials([trial])
         store.mark_running(trial.id)
         store.save_result(TrialResult(trial.id, TrialStatus.PENDING, metrics={"accuracy": 0.7},
                                       artifacts={"paused": {"step": 4}}))  # fmt: skip
-        store.mark_oom(trial.id, "out of memory beside 1 other trial(s) on GPU 0")
+        store.mark_interrupted(trial.id, "out of memory beside 1 other trial(s) on GPU 0")
         row = store.trials()[0]
-    assert row["status"] == "oom" and row["metrics"] == {"accuracy": 0.7}
-    assert row["artifacts"] == {"paused": {"step": 4}}
+        assert store.status_of(trial.id).is_active  # a plain resume selects it again
+    assert row["status"] == "pending" and row["metrics"] == {"accuracy": 0.7}
+    assert row["artifacts"] == {"paused": {"step": 4}} and "beside 1 other" in row["error"]

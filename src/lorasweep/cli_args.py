@@ -292,9 +292,10 @@ def _estimate_command(sub: Any) -> None:
     )
     s.add_argument(
         "--gpus",
-        default="16,24,40,48,80,141",
-        metavar="GB,... or NAME=GB,...",
-        help="the cards of the fits column, memory in GiB (default: %(default)s)",
+        default=None,
+        metavar="GiB,... or NAME=GiB,...",
+        help="the cards of the fits column, memory in GiB as torch reports it (default: 16, 24, "
+        "40, 48, 80 and 141 GB cards at 15.6, 23.6, 39.4, 47.5, 79.2 and 139.8 GiB)",
     )
     s.add_argument(
         "--margin",

@@ -39,7 +39,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         task=args.task,
         lora_dropout=_fraction("--dropout", args.dropout, upper=1.0),
         double_quant=args.double_quant,
-        gpus=_gpus(args.gpus),
+        gpus=_gpus(args.gpus) if args.gpus else None,
         margin=_fraction("--margin", args.margin, upper=1.0),
         rank_pattern=_rank_pattern(args.rank_pattern),
     )

@@ -162,15 +162,6 @@ class Store:
                 (TrialStatus.PENDING.value, error, trial_id),
             )
 
-    def mark_oom(self, trial_id: str, error: str) -> None:
-        """``oom`` with the reason, before a backend runs the trial again alone: metrics, curves,
-        artifacts and checkpoints already recorded (earlier pruning rungs) are kept."""
-        with _transaction(self._db):
-            self._db.execute(
-                "UPDATE trials SET status = ?, error = ?, finished = ? WHERE id = ?",
-                (TrialStatus.OOM.value, error, time.time(), trial_id),
-            )
-
     def mark_pruned(self, trial_id: str, reason: str) -> None:
         """Final state of a trial dropped at a rung: its rung metrics and curves stay as saved."""
         with _transaction(self._db):

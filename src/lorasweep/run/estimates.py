@@ -32,7 +32,10 @@ def estimate_peaks(trials: list[Trial]) -> dict[str, float]:
             res = estimate(
                 cfg["model"],
                 ranks=sorted({t.config["adapter"]["r"] for t in members}),
-                targets=ad.get("target_modules") or "default",
+                # a rank pattern names its own layers (peft_setup ignores target_modules then)
+                targets="default"
+                if ad.get("rank_pattern")
+                else ad.get("target_modules") or "default",
                 variant="qlora" if ad.get("quantization") == "4bit" else ad["method"],
                 task=cfg["task"],
                 batch=int(training.get("per_device_train_batch_size", 8)),

@@ -217,16 +217,11 @@ def check_model(spec: SweepSpec, device: str = "cpu") -> list[str]:
             own = not spec.variants or "target_modules" in v.model_fields_set
             where = f"{key}.target_modules" if own else "lora.target_modules"
             try:
-                resolved = resolve_targets(meta, tm)
+                resolve_targets(meta, tm)
             except ValueError as e:
                 errors.append(f"{where}: {e}")
             else:
-                if resolved.target_parameters and ad.get("dropout"):
-                    errors.append(
-                        f"{key}.dropout: peft adapts fused expert weights "
-                        f"({', '.join(resolved.target_parameters)}) only without dropout: "
-                        f"set dropout: 0 (got {ad['dropout']})"
-                    )
+                errors += check_expert_dropout(config, meta, spec.task, tm, ad, key)
         if ad.get("rank_pattern"):
             try:
                 rank_pattern_for_groups(meta, ad["rank_pattern"], ad.get("alpha_pattern"))
@@ -238,7 +233,33 @@ def check_model(spec: SweepSpec, device: str = "cpu") -> list[str]:
             resolve_targets(meta, tm)
         except ValueError as e:
             errors.append(f"{where}[{i}]: {e}")
+        else:
+            errors += check_expert_dropout(config, meta, spec.task, tm, spec.lora.model_dump(
+                exclude_unset=True), "lora")  # fmt: skip
     return list(dict.fromkeys(errors))
+
+
+def check_expert_dropout(config: Any, meta: Any, task: str, targets: Any, ad: dict[str, Any],
+                         key: str) -> list[str]:  # fmt: skip
+    """peft adapts fused mixture-of-experts weights only without dropout: a line when these
+    targets reach them (asked by name, by ``mlp``/``experts``, or through peft's ``all-linear``)
+    and the trial's dropout (0.05 unless set, ``plan.adapter_config``) is not 0."""
+    from lorasweep.training.targets import expert_parameters
+
+    dropout = ad.get("dropout", 0.05)
+    if not dropout or not expert_parameters(meta):
+        return []
+    from lorasweep.tools.estimate_model import count
+
+    try:
+        adapted = count(config, task, targets)
+    except ValueError:
+        return []  # the target's own error is reported where it is resolved
+    params = [x.name.split(".")[-1] for x in adapted.layers if x.parameter]
+    if not params:
+        return []
+    return [f"{key}.dropout: peft adapts fused expert weights ({', '.join(dict.fromkeys(params))}) "
+            f"only without dropout: set dropout: 0 (got {dropout})"]  # fmt: skip
 
 
 # a local model folder needs one of each to be fine-tuned (a config alone builds random weights)

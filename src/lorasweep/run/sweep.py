@@ -239,7 +239,8 @@ class _Runner:
                 segments={k: v for k, v in segments.items() if any(v.values())},
                 extra={"data_fingerprint": self.fingerprint} if self.fingerprint else {},
                 estimates=self.estimates,
-                on_requeue=lambda r: self.store.mark_oom(r.trial_id, r.error or "oom"),
+                # recorded as pending with the reason: a sweep stopped before the retry re-runs it
+                on_requeue=lambda r: self.store.mark_interrupted(r.trial_id, r.error or "oom"),
             )
             n = 0
             for result in self.backend.run(trials, ctx):

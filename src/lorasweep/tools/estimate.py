@@ -34,9 +34,11 @@ from lorasweep.training.models import SHIPPED, load_config
 
 GiB = 1024**3
 DEFAULT_RANKS = [4, 8, 16, 32, 64, 128, 256]
-# Card memory, GiB (what torch reports as a device's total, rounded): 16 (T4, V100, RTX 4080),
-# 24 (RTX 3090/4090, A10G, L4), 40 and 80 (A100, H100), 48 (A6000, L40S), 141 (H200).
-DEFAULT_GPUS = {f"{g} GB": float(g) for g in (16, 24, 40, 48, 80, 141)}
+# Cards by their nominal size, with the memory torch reports as their total (GiB, not the
+# nominal GB): 16 GB (V100 15.8; T4 14.7), 24 GB (RTX 4090 23.6; A10G, L4 22.1), 40 GB (A100
+# 39.4), 48 GB (A6000 47.5; L40S 44.4), 80 GB (H100 79.2, A100 79.3), 141 GB (H200 139.8).
+DEFAULT_GPUS = {"16 GB": 15.6, "24 GB": 23.6, "40 GB": 39.4, "48 GB": 47.5, "80 GB": 79.2,
+                "141 GB": 139.8}  # fmt: skip
 DEFAULT_MARGIN = 0.10  # a card fits when the estimate plus this share of it is within its memory
 VARIANTS = ("lora", "dora", "qlora")
 __all__ = ["SHIPPED", "EstimateResult", "estimate", "format_table", "load_model_config"]
@@ -126,7 +128,8 @@ def estimate(
             compute dtype. ``weights_dtype`` overrides the weights' dtype (e.g. fp32 weights
             trained with bf16 autocast).
         optimizer: ``adamw``, ``adamw-8bit`` or ``sgd``.
-        gpus: name -> GiB for the "fits" verdicts (default: 16, 24, 40, 48, 80 and 141 GB).
+        gpus: name -> GiB for the "fits" verdicts (default: 16, 24, 40, 48, 80 and 141 GB
+            cards at the memory torch reports for them, e.g. 79.2 GiB for an 80 GB H100).
         margin: a card fits when ``total x (1 + margin)`` is within its memory.
         device: ``cuda`` or ``cpu``: which runtime overhead and attention kernels to model.
         double_quant: QLoRA with bitsandbytes double quantization of the absmax constants.

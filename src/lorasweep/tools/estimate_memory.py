@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorasweep.tools.estimate_model import Adapted
+from lorasweep.training.targets import tower
 
 MiB = 1024**2
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -95,7 +96,9 @@ def arch_of(config: Any, model_modules: list[tuple[str, str]]) -> Arch:
         width = top_k * _cfg(text, "moe_intermediate_size", default=inter)
         width += _cfg(text, "shared_expert_intermediate_size", default=0)
     names = [n for n, _ in model_modules]
-    block = next((".".join(n.split(".")[: i + 1]) for n in names
+    # the first repeated block of the language model (a vision tower's blocks come first in
+    # vision-language models, with other norms)
+    block = next((".".join(n.split(".")[: i + 1]) for n in names if tower(n) == "language"
                   for i, p in enumerate(n.split(".")) if p.isdigit()), "")  # fmt: skip
     norms = [c for n, c in model_modules if n.startswith(block + ".") and "norm" in c.lower()]
     return Arch(
@@ -169,6 +172,8 @@ def activation_bytes(a: Arch, adapted: Adapted, r: int, *, batch: int, seq: int,
 
     blocks: dict[int | None, int] = {}
     for x in adapted.layers:
+        if tower(x.name) == "vision":  # a text-only batch does not run the vision tower
+            continue
         # fused experts: each routed token passes one expert's adapter (top-k per token)
         tk = t * (a.top_k if x.experts > 1 else 1)
         # fp32 dropout output saved by lora_A (+ its mask), lora_A output saved by lora_B

@@ -22,8 +22,9 @@ class RunContext:
     segments: dict[str, dict[str, Any]] = field(default_factory=dict)
     # trial id -> the estimator's peak bytes (run.estimates): what packing trials onto a GPU reads
     estimates: dict[str, float] = field(default_factory=dict)
-    # a result a backend stores before it runs the trial again (an OOM beside other trials,
-    # retried alone): recorded, not yielded, so each trial is yielded once
+    # a result a backend records before it runs the trial again (an OOM beside other trials,
+    # retried alone): not yielded, so each trial is yielded once; the sweep keeps the trial
+    # pending with the reason, so a sweep stopped before the retry still re-runs it
     on_requeue: Callable[[TrialResult], None] = lambda r: None
 
     def trial_dir(self, trial: Trial) -> Path:

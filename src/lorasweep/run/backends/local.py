@@ -8,8 +8,9 @@ CUDA (it only imports), so each child can pick its own GPU with CUDA_VISIBLE_DEV
 ``jobs`` workers run at once. On CUDA each gets its own GPU; on CPU each gets cores // jobs threads
 (oversubscribed threads were 1.5x slower than sequential trials on 2 cores). With ``jobs="auto"``
 (or ``per_gpu``) on GPUs, trials share GPUs: ``run.packing`` starts each where the estimator's
-peak fits (or N per GPU), and a trial that runs out of memory beside others is stored ``oom``
-(``RunContext.on_requeue``) and run again alone, before anything new starts.
+peak fits (or N per GPU), and a trial that runs out of memory beside others is recorded with the
+reason (``RunContext.on_requeue``: pending, so a stopped sweep still re-runs it) and run again
+alone, before anything new starts.
 
 A worker that dies without a result is classified honestly (see ``_died``): killed by the kernel's
 OOM killer -> ``oom``; killed by SIGKILL with no OOM kill recorded by the kernel (a user, a job
@@ -147,8 +148,8 @@ def gpu_capacities(ids: list[str]) -> list[float]:
 class LocalBackend:
     """``jobs`` workers at once, one GPU each; or, with ``jobs="auto"`` or ``per_gpu`` on GPUs,
     as many trials per GPU as fit by the estimator (``run.packing``): a trial that runs out of
-    memory beside others is stored ``oom`` and run again alone. ``jobs="auto"`` on CPU: one
-    trial at a time with every core."""
+    memory beside others is recorded with the reason and run again alone. ``jobs="auto"`` on
+    CPU: one trial at a time with every core."""
 
     def __init__(self, jobs: int | str = 1, per_gpu: int | None = None):
         check_jobs(jobs, per_gpu)

@@ -354,13 +354,20 @@ class RayBackend:
         running: dict[Any, tuple[Trial, dict[str, float]]] = {}  # ObjectRef -> trial, resources
         try:
             while queue or running:
+                # a trial re-run alone goes first, and nothing shared starts beside it until it
+                # has ended (Ray does not keep order across different resource requests)
+                lone = any(t.id in alone for t, _ in running.values())
                 while queue and len(running) < in_flight:
+                    if lone or (queue[0].id not in alone and any(t.id in alone for t in queue)):
+                        break
                     trial = queue.pop(0)
                     res = resources[trial.id]
                     if trial.id in alone:
                         res = {**res, "num_gpus": 1}
                     ctx.on_start(trial)
                     running[submit(trial, res)] = (trial, res)
+                    if trial.id in alone:
+                        break
                 done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
                 for ref in done:
                     trial, res = running.pop(ref)
@@ -404,7 +411,10 @@ def _collect(
         return TrialResult(trial.id, TrialStatus.FAILED, error=_tail(str(e)))
     except exc.RayError:
         return TrialResult(trial.id, TrialStatus.FAILED, error=_tail(traceback.format_exc()))
-    return receive(value) if receive is not None else TrialResult.from_dict(value)
+    try:
+        return receive(value) if receive is not None else TrialResult.from_dict(value)
+    except Exception:  # noqa: BLE001 - files that cannot be installed fail this trial only
+        return TrialResult(trial.id, TrialStatus.FAILED, error=_tail(traceback.format_exc()))
 
 
 def _tail(text: str, lines: int = 12) -> str:
