@@ -20,7 +20,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorasweep.training.targets import AUTO_CLASSES, build_meta_model, linear_module_names
+from lorasweep.training.targets import (
+    AUTO_CLASSES,
+    build_meta_model,
+    expert_parameters,
+    linear_module_names,
+)
 
 TASKS = tuple(AUTO_CLASSES)
 _PEFT_TASK = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM",
@@ -110,7 +115,7 @@ def count(config: Any, task: str, targets: Any, variant: str = "lora",
     """
     wrapped = [_wrap(config, task, targets, variant, rank_pattern, num_labels, r)
                for r in (1, 2)]  # fmt: skip
-    (m1, cfg1, base, quant, types), (m2, *_) = wrapped
+    (m1, cfg1, base, quant, experts, types), (m2, *_) = wrapped
     l1, l2 = _layers(m1), {x.name: x for x in _layers(m2)}
     layers = [AdaptedLayer(x.name, x.block, x.d_in, x.d_out, x.rank1, l2[x.name].rank1,
                            x.experts, x.parameter) for x in l1]  # fmt: skip
@@ -126,14 +131,14 @@ def count(config: Any, task: str, targets: Any, variant: str = "lora",
         trainable=(counts[0][1], counts[1][1]),
         total=(counts[0][2], counts[1][2]),
         quantizable=quant,
-        experts=sum(m1.get_parameter(n).numel() for n in _expert_names(m1)),
+        experts=experts,
         modules=[x.name for x in layers],
         module_types=types,
     )
 
 
 def _wrap(config: Any, task: str, targets: Any, variant: str, rank_pattern: Any,
-          num_labels: int, r: int) -> tuple[Any, Any, int, int, list]:  # fmt: skip
+          num_labels: int, r: int) -> tuple[Any, Any, int, int, int, list]:  # fmt: skip
     from peft import TaskType, get_peft_model
 
     from lorasweep.training.models import first_line
@@ -150,6 +155,7 @@ def _wrap(config: Any, task: str, targets: Any, variant: str, rank_pattern: Any,
     types = [(n, type(m).__name__) for n, m in model.named_modules() if n]
     modules = dict(model.named_modules())
     quant = sum(modules[n].weight.numel() for n in quantized_linear(model, task))
+    experts = sum(model.get_parameter(n).numel() for n in expert_parameters(model))
     block = lora_block(targets, variant, rank_pattern, 0.0, r)
     try:
         peft_config = build_peft_config(model, block, task, 0)
@@ -164,7 +170,7 @@ def _wrap(config: Any, task: str, targets: Any, variant: str, rank_pattern: Any,
         raise ValueError(
             f"peft cannot wrap {type(model).__name__} with these targets: {first_line(e)}"
         ) from e
-    return wrapped, wrapped.peft_config["default"], base, quant, types
+    return wrapped, wrapped.peft_config["default"], base, quant, experts, types
 
 
 def quantized_linear(model: Any, task: str) -> list[str]:
@@ -176,12 +182,6 @@ def quantized_linear(model: Any, task: str) -> list[str]:
     skip = quant_skip_modules(task)
     return [n for n in linear_module_names(model)
             if not any(part in skip for part in n.split("."))]  # fmt: skip
-
-
-def _expert_names(model: Any) -> list[str]:
-    """Fused expert weights of a (wrapped) model, without peft's wrappers."""
-    names = [n for n, p in model.named_parameters() if p.dim() == 3 and "lora_" not in n]
-    return [n for n in names if "expert" in n]
 
 
 def _peft_counts(model: Any) -> tuple[int, int, int]:
